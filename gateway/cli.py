@@ -1,0 +1,141 @@
+"""`pgw`: the command line. Export commands import torch lazily, so serving never loads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, cast
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gateway.errors import GatewayError
+from gateway.manifest import TASKS, VARIANTS, VariantName
+
+app = typer.Typer(
+    name="pgw", help="Polyglot Gateway: multilingual NLP models over gRPC.", no_args_is_help=True
+)
+models_app = typer.Typer(help="Build and inspect model checkpoints.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code=1)
+
+
+def _progress() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@models_app.command("demo")
+def models_demo(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write sat-demo/, distilbert-demo/, nllb-demo/.")
+    ],
+    size: Annotated[str, typer.Option(help="tiny (seconds to build) or full (published sizes).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+    only: Annotated[list[str] | None, typer.Option(help="Build only these (repeatable).")] = None,
+) -> None:
+    """Build random-weight demo checkpoints of the served architectures, with trained tokenizers."""
+    from gateway.export.demo import BUILDERS, DEMO_NAMES
+
+    if size not in ("tiny", "full"):
+        raise _fail(ValueError("--size must be tiny or full"))
+    names = only or list(DEMO_NAMES)
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        raise _fail(ValueError(f"unknown demo model {unknown}; choose from {', '.join(DEMO_NAMES)}"))
+    with _progress() as progress:
+        bar = progress.add_task("demo models", total=len(names))
+        for name in names:
+            progress.update(bar, description=f"building {name} ({size})")
+            path = BUILDERS[name](directory, size, seed)  # type: ignore[arg-type]
+            progress.advance(bar)
+            progress.console.print(f"{name}: {path}")
+
+
+@app.command("export")
+def export(
+    model: Annotated[
+        str, typer.Argument(help="A Hugging Face model directory, or a hub id in the local cache.")
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Output directory (replaced).")],
+    task: Annotated[str, typer.Option(help=f"One of {', '.join(TASKS)}.")],
+    variants: Annotated[
+        str, typer.Option(help=f"Comma-separated subset of {','.join(VARIANTS)}.")
+    ] = "fp32,int8",
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer directory or cached hub id, for checkpoints without one.")
+    ] = None,
+    min_cosine: Annotated[float, typer.Option(help="Embedding bound: min cosine vs PyTorch fp32.")] = 0.99,
+    min_agreement: Annotated[
+        float, typer.Option(help="Label / top-1 / greedy-token agreement bound vs PyTorch fp32.")
+    ] = 0.95,
+    enforce_bounds: Annotated[
+        bool | None,
+        typer.Option(
+            "--enforce-bounds/--record-only",
+            help="Fail outside the bounds. Default: enforce on real checkpoints, record on demo ones.",
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Translation: the server's cap on new tokens.")] = 256,
+) -> None:
+    """Export a checkpoint to ONNX variants with a manifest and an accuracy report per variant."""
+    from gateway.export.accuracy import Bounds
+    from gateway.export.exporter import ExportOptions, export_model
+
+    if task not in TASKS:
+        raise _fail(ValueError(f"--task must be one of {', '.join(TASKS)}, not {task!r}"))
+    try:
+        options = ExportOptions(
+            task=task,
+            variants=tuple(cast(VariantName, v.strip()) for v in variants.split(",") if v.strip()),
+            tokenizer=tokenizer,
+            bounds=Bounds(min_cosine=min_cosine, min_agreement=min_agreement),
+            enforce_bounds=enforce_bounds,
+            max_new_tokens=max_new_tokens,
+        )
+        steps = options.steps()
+        with _progress() as progress:
+            bar = progress.add_task(steps[0], total=len(steps))
+            seen: list[str] = []
+
+            def on_step(step: str) -> None:
+                if seen:
+                    progress.advance(bar)
+                seen.append(step)
+                progress.update(bar, description=step)
+
+            manifest = export_model(model, out_dir, options, on_step)
+            progress.advance(bar)
+    except GatewayError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"{manifest.task} export of {manifest.source.name} -> {out_dir}")
+    for column in ("variant", "size MB", "seconds", "accuracy vs PyTorch fp32", "passed"):
+        table.add_column(column)
+    for name, variant in manifest.variants.items():
+        report = variant.accuracy
+        figures = ", ".join(f"{k}={v:.4g}" for k, v in report.metrics.items()) if report else ""
+        table.add_row(
+            name,
+            f"{variant.size_bytes / 1e6:.1f}",
+            f"{variant.export_seconds:.1f}",
+            figures or (report.note if report else ""),
+            str(report.passed) if report and report.bounds else "recorded",
+        )
+    Console().print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,27 @@
+"""The domain errors. The gRPC interceptor maps each to one status code; nothing below it knows gRPC."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class: the message is shown to the client, so it names the field and what to change."""
+
+
+class InvalidInput(GatewayError):
+    """The request (or a command's argument) is wrong: INVALID_ARGUMENT."""
+
+
+class Overloaded(GatewayError):
+    """A queue is full: RESOURCE_EXHAUSTED."""
+
+
+class DeadlineExceeded(GatewayError):
+    """The request's deadline passed before it could run: DEADLINE_EXCEEDED."""
+
+
+class ModelNotReady(GatewayError):
+    """The model or its backend cannot serve now: UNAVAILABLE."""
+
+
+class ExportError(GatewayError):
+    """An export step failed or a variant fell outside its accuracy bound."""

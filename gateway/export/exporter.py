@@ -1,0 +1,341 @@
+"""`pgw export`: a Hugging Face checkpoint -> ONNX variants, tokenizer, manifest with accuracy reports."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from gateway import __version__
+from gateway.errors import ExportError, InvalidInput
+from gateway.export import accuracy, loaders
+from gateway.export import onnx as onnx_export
+from gateway.export.demo import read_demo_info
+from gateway.export.variants import convert_fp16, onnx_size, quantize_int8
+from gateway.languages import flores200_codes
+from gateway.manifest import (
+    VARIANTS,
+    AccuracyReport,
+    EmbeddingInfo,
+    FillMaskInfo,
+    Manifest,
+    OnnxPart,
+    Source,
+    SpecialTokens,
+    Task,
+    TensorSpec,
+    TokenClassificationInfo,
+    TranslationInfo,
+    Variant,
+    VariantName,
+)
+
+OnStep = Callable[[str], None]
+_CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# SaT thresholds as wtpsplit recommends them: `-sm` models are trained to be calibrated around 0.25.
+SAT_THRESHOLD_SM, SAT_THRESHOLD = 0.25, 0.025
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    task: Task
+    variants: tuple[VariantName, ...] = ("fp32", "int8")
+    tokenizer: str | None = None  # a tokenizer directory or hub id, for checkpoints that ship none (SaT)
+    bounds: accuracy.Bounds = field(default_factory=accuracy.Bounds)
+    # None: enforce the bounds on real checkpoints, record the figures only on random-weight demo ones.
+    enforce_bounds: bool | None = None
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise InvalidInput(f"--variants must be a comma-separated subset of {','.join(VARIANTS)}")
+
+    def steps(self) -> list[str]:
+        """The progress steps of an export, in order."""
+        made = [f"make {v}" for v in self.variants if v != "fp32"]
+        measured = [f"measure {v}" for v in self.variants]
+        return ["load checkpoint", "export fp32", *made, *measured, "write manifest"]
+
+
+def _tensor_specs(values: list[Any]) -> list[TensorSpec]:
+    def dtype(onnx_type: str) -> str:
+        return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}.get(
+            onnx_type, onnx_type
+        )
+
+    return [TensorSpec(name=v.name, dtype=dtype(v.type), shape=list(v.shape)) for v in values]
+
+
+def _part(path: Path, root: Path) -> OnnxPart:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), options, providers=[_CPU])
+    return OnnxPart(
+        file=str(path.relative_to(root)),
+        size_bytes=onnx_size(path),
+        inputs=_tensor_specs(sess.get_inputs()),
+        outputs=_tensor_specs(sess.get_outputs()),
+    )
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerFast) -> SpecialTokens:
+    return SpecialTokens(
+        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        unk_id=tokenizer.unk_token_id,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        cls_id=tokenizer.cls_token_id,
+        sep_id=tokenizer.sep_token_id,
+        mask_id=tokenizer.mask_token_id,
+        mask_token=tokenizer.mask_token if tokenizer.mask_token_id is not None else None,
+    )
+
+
+def _max_input_tokens(task: Task, tokenizer: PreTrainedTokenizerFast, config: dict[str, Any]) -> int:
+    positions = int(config.get("max_position_embeddings", 512))
+    if config.get("model_type") in ("xlm-roberta", "roberta", loaders.SAT_MODEL_TYPE):
+        positions -= 2  # RoBERTa positions start after the padding index
+    limit = int(tokenizer.model_max_length) if tokenizer.model_max_length < 1_000_000 else positions
+    return min(limit, positions)
+
+
+class _Exporter:
+    """One export run; each method is one step of ExportOptions.steps()."""
+
+    def __init__(self, model: str | Path, out_dir: Path, options: ExportOptions, on_step: OnStep):
+        self.options = options
+        self.out = out_dir
+        self.on_step = on_step
+        self.on_step("load checkpoint")
+        self.checkpoint = loaders.open_checkpoint(model)
+        self.demo = read_demo_info(self.checkpoint.path)
+        self.tokenizer = loaders.load_tokenizer(self.checkpoint, options.tokenizer)
+        self.task = options.task
+        self.max_length = _max_input_tokens(self.task, self.tokenizer, self.checkpoint.config)
+        enforce = options.enforce_bounds if options.enforce_bounds is not None else self.demo is None
+        self.bounds = options.bounds if enforce else None
+        # A PreTrainedModel, or a wrapper module with the same call signature as the exported graph.
+        self.torch_model: Any = self._load_torch_model()
+
+    def _load_torch_model(self) -> torch.nn.Module:
+        if self.task == "token-classification":
+            return loaders.load_token_classifier(self.checkpoint)
+        if self.task == "embedding":
+            return onnx_export.EmbeddingGraph(loaders.load_encoder(self.checkpoint)).eval()
+        if self.task == "fill-mask":
+            return loaders.load_masked_lm(self.checkpoint)
+        return loaders.load_seq2seq(self.checkpoint)
+
+    # ------------------------------------------------------------------------------------------- files
+
+    def _fp32_parts(self) -> dict[str, Path]:
+        self.on_step("export fp32")
+        target = self.out / "fp32"
+        vocab = int(self.checkpoint.config.get("vocab_size", len(self.tokenizer)))
+        if self.task == "token-classification":
+            return {
+                "model": onnx_export.export_token_classifier(self.torch_model, vocab, target / "model.onnx")
+            }
+        if self.task == "embedding":
+            assert isinstance(self.torch_model, onnx_export.EmbeddingGraph)
+            return {"model": onnx_export.export_embedding(self.torch_model.encoder, target / "model.onnx")}
+        if self.task == "fill-mask":
+            return {"model": onnx_export.export_fill_mask(self.torch_model, target / "model.onnx")}
+        return onnx_export.export_seq2seq(self.torch_model, target)
+
+    def _derive(self, name: VariantName, fp32: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Any]]:
+        self.on_step(f"make {name}")
+        parts, details = {}, {}
+        for part, source in fp32.items():
+            target = self.out / name / source.name
+            if name == "int8":
+                details = quantize_int8(source, target)
+            else:
+                details = convert_fp16(source, target, *self._optimizer_family())
+            parts[part] = target
+        return parts, details
+
+    def _optimizer_family(self) -> tuple[str, int, int]:
+        config = self.checkpoint.config
+        if self.task == "translation":
+            return "bart", int(config["encoder_attention_heads"]), int(config["d_model"])
+        heads = int(config.get("num_attention_heads", config.get("n_heads", 12)))
+        hidden = int(config.get("hidden_size", config.get("dim", 768)))
+        return "bert", heads, hidden
+
+    # ---------------------------------------------------------------------------------------- accuracy
+
+    def _measure(self, name: VariantName, parts: dict[str, Path]) -> AccuracyReport:
+        self.on_step(f"measure {name}")
+        provider = _CUDA if name == "fp16" and _CUDA in ort.get_available_providers() else _CPU
+        try:
+            return self._report(parts, provider)
+        except Exception as exc:
+            if name != "fp16" or provider == _CUDA:
+                raise
+            return AccuracyReport(
+                probe_set=accuracy.PROBE_SET,
+                provider=provider,
+                metrics={},
+                passed=False,
+                note=f"not measured: no CUDAExecutionProvider, and the CPU provider cannot run it ({exc})",
+            )
+
+    def _report(self, parts: dict[str, Path], provider: str) -> AccuracyReport:
+        t, tok, bounds_or_none, length = self.task, self.tokenizer, self.bounds, self.max_length
+        if t == "token-classification":
+            threshold = self._sat_threshold() if loaders.is_sat_config(self.checkpoint.config) else None
+            return accuracy.token_classification_report(
+                self.torch_model, parts["model"], tok, threshold, bounds_or_none, provider, length
+            )
+        if t == "embedding":
+            return accuracy.embedding_report(
+                self.torch_model, parts["model"], tok, bounds_or_none, provider, length
+            )
+        if t == "fill-mask":
+            return accuracy.fill_mask_report(
+                self.torch_model, parts["model"], tok, bounds_or_none, provider, length
+            )
+        return accuracy.translation_report(
+            self.torch_model,
+            parts,
+            tok,
+            self._languages(),
+            bounds_or_none,
+            provider,
+            length,
+        )
+
+    # ---------------------------------------------------------------------------------------- metadata
+
+    def _sat_threshold(self) -> float:
+        name = (self.demo.mirrors if self.demo else self.checkpoint.name).rstrip("/")
+        return SAT_THRESHOLD_SM if name.endswith("-sm") else SAT_THRESHOLD
+
+    def _languages(self) -> list[str]:
+        vocab = self.tokenizer.get_vocab()
+        return [code for code in flores200_codes() if code in vocab]
+
+    def _task_info(self) -> dict[str, Any]:
+        config = self.checkpoint.config
+        if self.task == "token-classification":
+            sat = loaders.is_sat_config(config)
+            info = TokenClassificationInfo(
+                labels=loaders.label_names(config),
+                sat=sat,
+                default_threshold=self._sat_threshold() if sat else None,
+            )
+            return {"token_classification": info}
+        if self.task == "embedding":
+            hidden = int(config.get("hidden_size", config.get("dim", 0)))
+            return {
+                "embedding": EmbeddingInfo(dimensions=hidden, outputs=dict(onnx_export.EMBEDDING_OUTPUTS))
+            }
+        if self.task == "fill-mask":
+            vocab = int(config["vocab_size"])
+            return {
+                "fill_mask": FillMaskInfo(vocab_size=vocab, max_top_k=min(onnx_export.FILL_MASK_TOP_K, vocab))
+            }
+        languages = self._languages()
+        if not languages:
+            raise ExportError("the tokenizer knows no FLORES-200 language code: not an NLLB-style tokenizer")
+        heads = int(config["decoder_attention_heads"])
+        token_ids = self.tokenizer.get_vocab()
+        translation = TranslationInfo(
+            languages=languages,
+            language_token_ids={code: int(token_ids[code]) for code in languages},
+            decoder_start_token_id=int(
+                config.get("decoder_start_token_id") or self.tokenizer.eos_token_id or 2
+            ),
+            num_layers=int(config["decoder_layers"]),
+            num_heads=heads,
+            head_dim=int(config["d_model"]) // heads,
+            max_new_tokens=self.options.max_new_tokens,
+        )
+        return {"translation": translation}
+
+    def _source(self) -> Source:
+        config = self.checkpoint.config
+        return Source(
+            name=self.checkpoint.name,
+            sha256=self.checkpoint.sha256,
+            model_type=self.checkpoint.model_type,
+            architectures=list(config.get("architectures") or []),
+            random_weights=self.demo is not None,
+            mirrors=self.demo.mirrors if self.demo else "",
+        )
+
+    # --------------------------------------------------------------------------------------------- run
+
+    def run(self) -> Manifest:
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True)
+        started = time.perf_counter()
+        fp32 = self._fp32_parts()
+        exporter = "optimum" if self.task == "translation" else "torch.onnx"
+        made: dict[str, tuple[dict[str, Path], dict[str, Any], float]] = {
+            "fp32": (fp32, {"exporter": exporter}, time.perf_counter() - started)
+        }
+        for name in self.options.variants:
+            if name != "fp32":
+                begun = time.perf_counter()
+                parts, details = self._derive(name, fp32)
+                made[name] = (parts, details, time.perf_counter() - begun)
+        variants: dict[str, Variant] = {}
+        for name in self.options.variants:
+            parts, details, seconds = made[name]
+            report = self._measure(name, parts)
+            variants[name] = Variant(
+                name=name,
+                device="cuda" if name == "fp16" else "cpu",
+                parts={part: _part(path, self.out) for part, path in parts.items()},
+                details=details,
+                export_seconds=round(seconds, 2),
+                accuracy=report,
+            )
+        if "fp32" not in self.options.variants:
+            shutil.rmtree(self.out / "fp32")
+        failed = {
+            n: v.accuracy
+            for n, v in variants.items()
+            if v.accuracy and v.accuracy.metrics and not v.accuracy.passed
+        }
+        if failed:
+            lines = [
+                f"{name}: {metric}={report.metrics[metric]:.4g} (bound {bound})"
+                for name, report in failed.items()
+                for metric, bound in report.bounds.items()
+            ]
+            raise ExportError("variants outside their accuracy bounds: " + "; ".join(lines))
+        self.on_step("write manifest")
+        self.tokenizer.save_pretrained(self.out)
+        manifest = Manifest(
+            task=self.task,
+            source=self._source(),
+            exporter=f"polyglot-gateway {__version__}",
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            special_tokens=_special_tokens(self.tokenizer),
+            max_input_tokens=self.max_length,
+            variants=variants,
+            **self._task_info(),
+        )
+        manifest.write(self.out)
+        return manifest
+
+
+def export_model(
+    model: str | Path, out_dir: Path, options: ExportOptions, on_step: OnStep | None = None
+) -> Manifest:
+    """Export `model` (a directory or a cached hub id) for `options.task` into `out_dir` (replaced)."""
+    return _Exporter(model, out_dir, options, on_step or (lambda _step: None)).run()

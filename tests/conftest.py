@@ -1,0 +1,48 @@
+"""Session fixtures: the tiny demo checkpoints and their exports, built once per test run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.manifest import Manifest, Task
+
+EXPORT_VARIANTS = ("fp32", "int8", "fp16")
+_SOURCES: dict[str, str] = {
+    "token-classification": "sat-demo",
+    "embedding": "distilbert-demo",
+    "fill-mask": "distilbert-demo",
+    "translation": "nllb-demo",
+}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gateway.export.demo import build_demo_models
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo_models(root, size="tiny", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported(
+    demo_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Task], tuple[Path, Manifest]]:
+    """task -> (export directory, manifest), each exported once with fp32, int8 and fp16."""
+    from gateway.export.exporter import ExportOptions, export_model
+
+    cache: dict[str, tuple[Path, Manifest]] = {}
+
+    def get(task: Task) -> tuple[Path, Manifest]:
+        if task not in cache:
+            out = tmp_path_factory.mktemp("export") / task
+            manifest = export_model(
+                demo_dir / _SOURCES[task], out, ExportOptions(task=task, variants=EXPORT_VARIANTS)
+            )
+            cache[task] = (out, manifest)
+        return cache[task]
+
+    return get

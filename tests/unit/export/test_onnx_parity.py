@@ -1,0 +1,146 @@
+"""fp32 ONNX against PyTorch within 1e-4, computed here independently of the export wrappers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from gateway.export.accuracy import OnnxSeq2Seq
+from gateway.export.loaders import load_token_classifier, open_checkpoint
+from gateway.manifest import Manifest, Task
+
+Exported = Callable[[Task], tuple[Path, Manifest]]
+TEXTS = [
+    "The train to Lyon leaves at 12:30 from platform 4.",
+    "Книга лежит на столе.",
+    "السوق مفتوح حتى المساء.",
+    "आज मौसम अच्छा है।",
+    "今天的会议在三点开始。",
+    "ቡና ጣፋጭ ነው።",
+]
+ATOL = 1e-4
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _inputs(directory: Path) -> dict[str, np.ndarray]:
+    tok = AutoTokenizer.from_pretrained(directory)
+    batch = tok(TEXTS, padding=True, return_tensors="np")
+    return {
+        "input_ids": batch["input_ids"].astype(np.int64),
+        "attention_mask": batch["attention_mask"].astype(np.int64),
+    }
+
+
+def _t(values: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in values.items()}
+
+
+def test_token_classification_logits(exported: Exported, demo_dir: Path) -> None:
+    out, manifest = exported("token-classification")
+    inputs = _inputs(out)
+    model = load_token_classifier(open_checkpoint(demo_dir / "sat-demo"))
+    with torch.no_grad():
+        expected = model(**_t(inputs)).numpy()
+    (got,) = _session(out / manifest.variants["fp32"].parts["model"].file).run(["logits"], inputs)
+    real = inputs["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[real], expected[real], atol=ATOL)
+
+
+def test_embedding_pooled_vectors(exported: Exported, demo_dir: Path) -> None:
+    out, manifest = exported("embedding")
+    inputs = _inputs(out)
+    encoder = AutoModel.from_pretrained(demo_dir / "distilbert-demo", use_safetensors=True).eval()
+    with torch.no_grad():
+        hidden = encoder(**_t(inputs)).last_hidden_state.numpy()
+    mask = inputs["attention_mask"][..., None].astype(np.float32)
+    mean = (hidden * mask).sum(1) / mask.sum(1)
+    cls = hidden[:, 0]
+    assert manifest.embedding is not None
+    names = manifest.embedding.outputs
+    sess = _session(out / manifest.variants["fp32"].parts["model"].file)
+    got = dict(zip(names, sess.run(list(names.values()), inputs), strict=True))
+    np.testing.assert_allclose(got["mean"], mean, atol=ATOL)
+    np.testing.assert_allclose(got["cls"], cls, atol=ATOL)
+    np.testing.assert_allclose(
+        got["mean_normalized"], mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=ATOL
+    )
+    np.testing.assert_allclose(
+        got["cls_normalized"], cls / np.linalg.norm(cls, axis=1, keepdims=True), atol=ATOL
+    )
+    assert got["mean"].shape == (len(TEXTS), manifest.embedding.dimensions)
+
+
+def test_fill_mask_top_k(exported: Exported, demo_dir: Path) -> None:
+    out, manifest = exported("fill-mask")
+    inputs = _inputs(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    positions = np.array([[1, 2]] * len(TEXTS), dtype=np.int64)
+    inputs["input_ids"][:, 1] = tok.mask_token_id
+    model = AutoModelForMaskedLM.from_pretrained(demo_dir / "distilbert-demo", use_safetensors=True).eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(**_t(inputs)).logits, -1).numpy()
+    sess = _session(out / manifest.variants["fp32"].parts["model"].file)
+    top_p, top_ids = sess.run(None, inputs | {"positions": positions})
+    assert manifest.fill_mask is not None
+    assert top_p.shape == (len(TEXTS), 2, manifest.fill_mask.max_top_k)
+    for column, position in enumerate(positions[0]):
+        expected = probs[:, position]
+        np.testing.assert_array_equal(top_ids[:, column, 0], expected.argmax(-1))
+        np.testing.assert_allclose(
+            top_p[:, column], np.take_along_axis(expected, top_ids[:, column], -1), atol=ATOL
+        )
+        assert (np.diff(top_p[:, column], axis=-1) <= 0).all()  # best first
+
+
+def test_decoder_logits_with_cache_for_five_steps(exported: Exported, demo_dir: Path) -> None:
+    out, manifest = exported("translation")
+    tok = AutoTokenizer.from_pretrained(out, src_lang="eng_Latn")
+    batch = tok(TEXTS[:3], padding=True, return_tensors="np")
+    input_ids = batch["input_ids"].astype(np.int64)
+    attention_mask = batch["attention_mask"].astype(np.int64)
+    start = tok.eos_token_id
+    target = tok.convert_tokens_to_ids("fra_Latn")
+    rng = np.random.default_rng(0)
+    following = rng.integers(4, 200, size=(3, 4))
+    decoder_ids = np.concatenate([np.full((3, 1), start), np.full((3, 1), target), following], axis=1).astype(
+        np.int64
+    )
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(demo_dir / "nllb-demo", use_safetensors=True).eval()
+    with torch.no_grad():
+        expected = model(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            decoder_input_ids=torch.from_numpy(decoder_ids),
+        ).logits.numpy()
+
+    parts = {name: out / part.file for name, part in manifest.variants["fp32"].parts.items()}
+    onnx_model = OnnxSeq2Seq.load(parts)
+    hidden = onnx_model.encode(input_ids, attention_mask)
+    logits, cache = onnx_model.first(decoder_ids[:, :1], hidden, attention_mask)
+    np.testing.assert_allclose(logits[:, 0], expected[:, 0], atol=ATOL)
+    for step in range(1, 6):
+        logits, cache = onnx_model.step(decoder_ids[:, step : step + 1], attention_mask, cache)
+        np.testing.assert_allclose(logits[:, 0], expected[:, step], atol=ATOL, err_msg=f"step {step}")
+        self_key = next(v for k, v in cache.items() if k.endswith("decoder.key"))
+        assert self_key.shape[2] == step + 1  # the self-attention cache grew by one position
+
+
+@pytest.mark.parametrize("task", ["token-classification", "embedding", "fill-mask", "translation"])
+def test_int8_and_fp16_stay_close_to_fp32(exported: Exported, task: Task) -> None:
+    _, manifest = exported(task)
+    for name in ("int8", "fp16"):
+        report = manifest.variants[name].accuracy
+        assert report is not None
+        assert report.metrics, report.note
+        agreement = next(v for k, v in report.metrics.items() if k.endswith("agreement") or k == "min_cosine")
+        assert agreement >= 0.9, (name, report.metrics)
