@@ -137,5 +137,52 @@ def export(
     Console().print(table)
 
 
+@app.command("serve")
+def serve(
+    config: Annotated[Path | None, typer.Option(help="YAML config file (see README).")] = None,
+    demo: Annotated[
+        bool, typer.Option(help="Build, export and serve the demo models (cached after the first run).")
+    ] = False,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=EXPORT_DIR to serve (repeatable); replaces the file's list."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="gRPC address to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port (default 50051).")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (default 9464, 0: off).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+) -> None:
+    """Serve exported models over gRPC (settings: file < PGW_* environment < flags)."""
+    import asyncio
+    import logging
+
+    from gateway.config import ModelConfig, ServerConfig
+    from gateway.server import serve as run_server
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models = None
+    if model:
+        pairs = [entry.split("=", 1) for entry in model]
+        if any(len(pair) != 2 for pair in pairs):
+            raise _fail(ValueError("--model takes NAME=EXPORT_DIR"))
+        models = tuple(ModelConfig(name=name, path=Path(path)) for name, path in pairs)
+    try:
+        settings = ServerConfig.load(
+            config,
+            demo=demo or None,
+            models=models,
+            host=host,
+            port=port,
+            metrics_port=metrics_port,
+            device=device,
+        )
+        asyncio.run(run_server(settings))
+    except GatewayError as exc:
+        raise _fail(exc) from exc
+
+
 def main() -> None:
     app()

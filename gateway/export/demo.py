@@ -3,7 +3,7 @@
 No machine here reaches a model hub, so tests, demos and benchmarks use models built here: the same classes,
 the same checkpoint layout and the same tokenizer types as the published checkpoints, with random weights.
 `tiny` models build in seconds; `full` models have the published sizes (for speed work). Tokenizers are
-trained with `tokenizers` on the multilingual sample text the package ships.
+trained with `tokenizers` on the multilingual sample text the package ships (see `train_tokenizers`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,7 +103,7 @@ def _metaspace_tokenizer(model: models.Model) -> Tokenizer:
     return tok
 
 
-def build_xlmr_tokenizer(texts: Iterable[str], vocab_size: int) -> XLMRobertaTokenizerFast:
+def train_xlmr(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """An XLM-R-style Unigram tokenizer: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, ..., `<mask>` last."""
     tok = _metaspace_tokenizer(models.Unigram())
     trainer = trainers.UnigramTrainer(
@@ -113,26 +114,16 @@ def build_xlmr_tokenizer(texts: Iterable[str], vocab_size: int) -> XLMRobertaTok
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(["<mask>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>",
         pair="<s> $A </s> </s> $B </s>",
         special_tokens=[("<s>", 0), ("</s>", 2)],
     )
-    fast = XLMRobertaTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_max_length=512,
-    )
-    return fast
+    return tok
 
 
-def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int) -> DistilBertTokenizerFast:
+def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A cased multilingual WordPiece tokenizer like multilingual BERT's (no lowercasing, accents kept)."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
@@ -151,6 +142,64 @@ def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int) -> DistilBe
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
+    return tok
+
+
+def train_nllb(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """An NLLB-style tokenizer: SentencePiece-like BPE, FLORES-200 codes as special tokens, `<mask>` last."""
+    tok = _metaspace_tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([*flores200_codes(), "<mask>"])
+    return tok
+
+
+TRAINERS: dict[str, Callable[[Iterable[str], int], Tokenizer]] = {
+    "xlmr": train_xlmr,
+    "wordpiece": train_wordpiece,
+    "nllb": train_nllb,
+}
+
+
+def train_tokenizers(out_dir: Path) -> dict[str, Path]:
+    """Train the three demo tokenizers on the shipped sample text and write `<kind>.json` files.
+
+    `tokenizers` breaks ties between equally frequent pieces in hash-map order, so two trainings of the same
+    text can differ; the demo builds therefore load the tokenizers trained once and shipped in
+    `gateway/data/tokenizers/` (made with `tools/train_demo_tokenizers.py`), which keeps them deterministic.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for kind, train in TRAINERS.items():
+        path = out_dir / f"{kind}.json"
+        train(_training_text(), _TOKENIZER_VOCAB[kind]).save(str(path), pretty=True)
+        written[kind] = path
+    return written
+
+
+def shipped_tokenizer(kind: str) -> Tokenizer:
+    """A demo tokenizer trained on the sample text and shipped with the package."""
+    text = resources.files("gateway.data").joinpath("tokenizers", f"{kind}.json").read_text(encoding="utf-8")
+    return Tokenizer.from_str(text)
+
+
+def xlmr_fast(tok: Tokenizer) -> XLMRobertaTokenizerFast:
+    return XLMRobertaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=512,
+    )
+
+
+def wordpiece_fast(tok: Tokenizer) -> DistilBertTokenizerFast:
     return DistilBertTokenizerFast(
         tokenizer_object=tok,
         do_lower_case=False,
@@ -165,21 +214,18 @@ def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int) -> DistilBe
     )
 
 
-def build_nllb_tokenizer(texts: Iterable[str], vocab_size: int) -> NllbTokenizerFast:
-    """An NLLB-style tokenizer: SentencePiece-like BPE, FLORES-200 codes as special tokens, `<mask>` last."""
-    tok = _metaspace_tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer)
-    codes = list(flores200_codes())
-    tok.add_special_tokens([*codes, "<mask>"])
+def nllb_fast(tok: Tokenizer) -> NllbTokenizerFast:
     return NllbTokenizerFast(
         tokenizer_object=tok,
         src_lang="eng_Latn",
-        additional_special_tokens=codes,
+        additional_special_tokens=list(flores200_codes()),
         model_max_length=1024,
     )
+
+
+def build_xlmr_tokenizer(texts: Iterable[str], vocab_size: int) -> XLMRobertaTokenizerFast:
+    """Train an XLM-R-style tokenizer on `texts` (for custom test checkpoints)."""
+    return xlmr_fast(train_xlmr(texts, vocab_size))
 
 
 def _save_demo(
@@ -212,7 +258,7 @@ def _as_wtpsplit_sat(config: dict[str, Any]) -> dict[str, Any]:
 
 def build_sat_demo(out: Path, size: Size, seed: int) -> Path:
     """`sat-demo`: a 1-label XLM-R token classifier saved as wtpsplit's `SubwordXLMForTokenClassification`."""
-    tokenizer = build_xlmr_tokenizer(_training_text(), _TOKENIZER_VOCAB["xlmr"])
+    tokenizer = xlmr_fast(shipped_tokenizer("xlmr"))
     dims = {"vocab_size": len(tokenizer), **_SAT_SIZES[size]}
     config = XLMRobertaConfig(
         **dims,
@@ -232,7 +278,7 @@ def build_sat_demo(out: Path, size: Size, seed: int) -> Path:
 
 def build_distilbert_demo(out: Path, size: Size, seed: int) -> Path:
     """`distilbert-demo`: a cased DistilBERT with its masked-LM head (embeddings and fill-mask)."""
-    tokenizer = build_wordpiece_tokenizer(_training_text(), _TOKENIZER_VOCAB["wordpiece"])
+    tokenizer = wordpiece_fast(shipped_tokenizer("wordpiece"))
     dims = {"vocab_size": len(tokenizer), **_DISTILBERT_SIZES[size]}
     config = DistilBertConfig(**dims, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
@@ -243,7 +289,7 @@ def build_distilbert_demo(out: Path, size: Size, seed: int) -> Path:
 
 def build_nllb_demo(out: Path, size: Size, seed: int) -> Path:
     """`nllb-demo`: an M2M100 encoder-decoder with an NLLB tokenizer that knows every FLORES-200 code."""
-    tokenizer = build_nllb_tokenizer(_training_text(), _TOKENIZER_VOCAB["nllb"])
+    tokenizer = nllb_fast(shipped_tokenizer("nllb"))
     dims = {"vocab_size": len(tokenizer), **_NLLB_SIZES[size]}
     config = M2M100Config(
         **dims,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, DistilBertForMaskedLM, NllbTokenizerFast
 
-from gateway.export.demo import build_sat_demo, read_demo_info
+from gateway.export.demo import TRAINERS, build_sat_demo, read_demo_info, shipped_tokenizer
 from gateway.languages import flores200_codes
 from gateway.samples import probe_sentences, sample_sentences
 
@@ -100,3 +100,17 @@ def test_demo_builds_are_deterministic(tmp_path: Path) -> None:
     assert _weights_hash(first) == _weights_hash(second)
     assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
     assert _weights_hash(first) != _weights_hash(other)
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINERS))
+def test_training_on_the_sample_text_reproduces_the_shipped_layout(kind: str) -> None:
+    """The shipped tokenizers are what training on the sample text makes (up to tie order)."""
+    shipped = shipped_tokenizer(kind)
+    trained = TRAINERS[kind]([s.text for s in sample_sentences()], 3000)
+    assert type(trained.model) is type(shipped.model)
+    size = shipped.get_vocab_size()
+    assert abs(trained.get_vocab_size() - size) <= size // 20
+    for token in ("<s>", "<pad>", "</s>", "<unk>", "<mask>", "[CLS]", "[SEP]", "[MASK]", "eng_Latn"):
+        assert trained.token_to_id(token) == shipped.token_to_id(token), token
+    text = sample_sentences()[0].text
+    assert len(trained.encode(text).ids) == pytest.approx(len(shipped.encode(text).ids), rel=0.5)

@@ -357,6 +357,31 @@ class Translation(_message.Message):
 Global___Translation: _TypeAlias = Translation  # noqa: Y015
 
 @_typing.final
+class RequestError(_message.Message):
+    """The failure of one request on a stream (unary rpcs fail with a gRPC status instead)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """the gRPC status code name, e.g. "INVALID_ARGUMENT" """
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestError: _TypeAlias = RequestError  # noqa: Y015
+
+@_typing.final
 class TranslateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -367,6 +392,7 @@ class TranslateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     source_lang: _builtins.str
     """normalized FLORES-200 code"""
@@ -378,6 +404,10 @@ class TranslateResponse(_message.Message):
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def timing(self) -> Global___Timing: ...
+    @_builtins.property
+    def error(self) -> Global___RequestError:
+        """TranslateStream only: set when this request failed"""
+
     def __init__(
         self,
         *,
@@ -388,10 +418,11 @@ class TranslateResponse(_message.Message):
         usage: Global___Usage | None = ...,
         timing: Global___Timing | None = ...,
         request_id: _builtins.str = ...,
+        error: Global___RequestError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id", "source_lang", b"source_lang", "target_lang", b"target_lang", "timing", b"timing", "translations", b"translations", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model", "request_id", b"request_id", "source_lang", b"source_lang", "target_lang", b"target_lang", "timing", b"timing", "translations", b"translations", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,7 +86,8 @@ class PolyglotServicer:
 
     def TranslateStream(self, request_iterator, context):
         """Many small translation requests over one bidirectional stream. Each reply carries the `request_id`
-        of its request; replies may arrive in a different order than the requests.
+        of its request; replies may arrive in a different order than the requests. A request that fails gets a
+        reply with `error` set, and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

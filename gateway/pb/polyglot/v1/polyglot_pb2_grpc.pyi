@@ -52,7 +52,8 @@ class PolyglotStub:
     """
     TranslateStream: _grpc.StreamStreamMultiCallable[_polyglot_pb2.TranslateRequest, _polyglot_pb2.TranslateResponse]
     """Many small translation requests over one bidirectional stream. Each reply carries the `request_id`
-    of its request; replies may arrive in a different order than the requests.
+    of its request; replies may arrive in a different order than the requests. A request that fails gets a
+    reply with `error` set, and the stream goes on.
     """
     Classify: _grpc.UnaryUnaryMultiCallable[_polyglot_pb2.ClassifyRequest, _polyglot_pb2.ClassifyResponse]
     """Per-token labels and scores from a token classification model (SaT sentence boundaries, NER, ...),
@@ -83,7 +84,8 @@ class PolyglotAsyncStub(PolyglotStub):
     """
     TranslateStream: _aio.StreamStreamMultiCallable[_polyglot_pb2.TranslateRequest, _polyglot_pb2.TranslateResponse]  # type: ignore[assignment]
     """Many small translation requests over one bidirectional stream. Each reply carries the `request_id`
-    of its request; replies may arrive in a different order than the requests.
+    of its request; replies may arrive in a different order than the requests. A request that fails gets a
+    reply with `error` set, and the stream goes on.
     """
     Classify: _aio.UnaryUnaryMultiCallable[_polyglot_pb2.ClassifyRequest, _polyglot_pb2.ClassifyResponse]  # type: ignore[assignment]
     """Per-token labels and scores from a token classification model (SaT sentence boundaries, NER, ...),
@@ -123,7 +125,8 @@ class PolyglotServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_polyglot_pb2.TranslateResponse], _abc.AsyncIterator[_polyglot_pb2.TranslateResponse]]:
         """Many small translation requests over one bidirectional stream. Each reply carries the `request_id`
-        of its request; replies may arrive in a different order than the requests.
+        of its request; replies may arrive in a different order than the requests. A request that fails gets a
+        reply with `error` set, and the stream goes on.
         """
 
     @_abc_1.abstractmethod

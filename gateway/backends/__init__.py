@@ -1,0 +1,1 @@
+"""Runtimes behind the task models: ONNX Runtime in-process, Triton over gRPC."""

@@ -1,0 +1,120 @@
+"""ONNX Runtime in-process: one InferenceSession per ONNX part, run off the event loop.
+
+Providers are tried in the order TensorRT (only when asked) -> CUDA -> CPU; on CUDA, inputs and outputs go
+through IO binding (see `ort_cuda.py`, imported only when a CUDA session exists). Input and output names
+come from the session, never from constants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from gateway.backends.base import Arrays
+from gateway.errors import ModelNotReady
+from gateway.manifest import TensorSpec
+
+log = logging.getLogger(__name__)
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_id: int = 0
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
+    tensorrt: bool = False
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def provider_chain(settings: OrtSettings) -> list[str | tuple[str, dict[str, Any]]]:
+    """The providers to offer a session, best first, restricted to what this onnxruntime build has."""
+    available = set(available_providers())
+    chain: list[str | tuple[str, dict[str, Any]]] = []
+    if settings.device == "cuda":
+        if settings.tensorrt and TENSORRT in available:
+            chain.append((TENSORRT, {"device_id": settings.device_id, "trt_fp16_enable": True}))
+        if CUDA not in available:
+            raise ModelNotReady(
+                "device cuda was asked for, but this onnxruntime has no CUDAExecutionProvider "
+                "(install the gpu extra: pip install 'polyglot-gateway[gpu]')"
+            )
+        chain.append((CUDA, {"device_id": settings.device_id}))
+    chain.append(CPU)
+    return chain
+
+
+def _specs(values: Sequence[Any]) -> list[TensorSpec]:
+    return [TensorSpec(name=v.name, dtype=_DTYPES.get(v.type, v.type), shape=list(v.shape)) for v in values]
+
+
+class OnnxRuntimeBackend:
+    """One ONNX part. `run` executes on `executor`, so the event loop keeps serving while it computes."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, settings: OrtSettings, executor: ThreadPoolExecutor) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.path = path
+        self.session = ort.InferenceSession(str(path), options, providers=provider_chain(settings))
+        self.provider = self.session.get_providers()[0]
+        self.device = f"cuda:{settings.device_id}" if self.provider in (CUDA, TENSORRT) else "cpu"
+        self._executor = executor
+        self._inputs = _specs(self.session.get_inputs())
+        self._outputs = _specs(self.session.get_outputs())
+        self._input_names = {spec.name for spec in self._inputs}
+        self._runner = self._cuda_runner() if self.device != "cpu" else None
+
+    def _cuda_runner(self) -> Any:
+        from gateway.backends.ort_cuda import IoBindingRunner
+
+        return IoBindingRunner(self.session, self.device)
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]:
+        return self._outputs
+
+    def run_sync(self, inputs: Arrays, outputs: Sequence[str] | None = None) -> Arrays:
+        names = list(outputs) if outputs is not None else [spec.name for spec in self._outputs]
+        feed = {name: value for name, value in inputs.items() if name in self._input_names}
+        if self._runner is not None:
+            result: Arrays = self._runner.run(feed, names)
+            return result
+        return dict(zip(names, self.session.run(names, feed), strict=True))
+
+    async def run(self, inputs: Arrays, outputs: Sequence[str] | None = None) -> Arrays:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(self.run_sync, inputs, outputs))
+
+    async def close(self) -> None:
+        self._runner = None
+
+
+def warmup_inputs(specs: Sequence[TensorSpec], batch: int = 1, length: int = 8) -> Arrays:
+    """Small valid inputs for a part, from its specs: symbolic dims become `batch` then `length`."""
+    arrays: Arrays = {}
+    for spec in specs:
+        shape = [batch if i == 0 else (length if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
+        arrays[spec.name] = np.ones([int(d) for d in shape], dtype=np.dtype(spec.dtype))
+    return arrays

@@ -1,0 +1,111 @@
+"""Server settings: explicit and frozen. Read from a YAML file, `PGW_` environment variables and CLI flags
+(flags win over the environment, which wins over the file). Nothing is read at import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from gateway.batcher import BatcherSettings
+from gateway.errors import InvalidInput
+
+Device = Literal["cpu", "cuda"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BatchingConfig(_Frozen):
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(16384, ge=1)
+    max_queue_delay_ms: float = Field(5.0, ge=0)
+    max_queue_size: int = Field(1024, ge=1)
+
+    def settings(self) -> BatcherSettings:
+        return BatcherSettings(**self.model_dump())
+
+
+class LimitsConfig(_Frozen):
+    max_texts: int = Field(256, ge=1)  # texts per request
+    max_text_chars: int = Field(20000, ge=1)  # characters per text
+    max_new_tokens: int = Field(256, ge=1)  # translation, per text
+
+
+class ModelConfig(_Frozen):
+    """One served model: a `pgw export` directory."""
+
+    name: str
+    path: Path
+    variant: str | None = None  # default: int8 on CPU, fp16 on GPU
+    backend: Literal["onnxruntime", "triton"] = "onnxruntime"
+    device: Device | None = None  # default: the server's device
+    default: bool = False  # the default model of its task
+    batching: BatchingConfig | None = None  # default: the server's batching
+
+
+class ServerConfig(BaseSettings):
+    """Everything `pgw serve` needs. Build with `ServerConfig.load`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PGW_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    host: str = "0.0.0.0"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9464, ge=0, le=65535)  # 0 disables the metrics endpoint
+    device: Device = "cpu"
+    intra_op_threads: int = Field(0, ge=0)
+    models: tuple[ModelConfig, ...] = ()
+    demo: bool = False  # build, export and serve the demo models
+    demo_dir: Path = Path("~/.cache/polyglot-gateway/demo")
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    grace_seconds: float = Field(10.0, ge=0)
+    api_key: str | None = None  # when set, clients send `authorization: Bearer <key>`
+
+    _yaml_values: ClassVar[dict[str, Any]] = {}
+
+    @field_validator("demo_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, InitSettingsSource(settings_cls, dict(cls._yaml_values))
+
+    @classmethod
+    def load(cls, file: Path | None = None, **flags: Any) -> ServerConfig:
+        """Settings from `file` (YAML), then `PGW_*` variables, then `flags` (None values are ignored)."""
+        values: dict[str, Any] = {}
+        if file is not None:
+            if not file.is_file():
+                raise InvalidInput(f"config file {file} does not exist")
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            if not isinstance(loaded, dict):
+                raise InvalidInput(f"config file {file} must hold a mapping of settings")
+            values = loaded
+        cls._yaml_values = values
+        try:
+            return cls(**{k: v for k, v in flags.items() if v is not None})
+        finally:
+            cls._yaml_values = {}

@@ -1,0 +1,142 @@
+"""Every Prometheus metric of the gateway, in one place.
+
+Stage histograms are labelled by model and variant: request (end to end, per rpc), queue (waiting for a
+batch), inference (the runtime), tokenization; batch size and padded batch tokens show how well the batcher
+fills batches. Names follow Prometheus conventions (`_seconds`, `_total`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from gateway.batcher import BatchStats
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_BATCH_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
+
+
+@dataclass
+class Outcome:
+    """Set `code` to the gRPC status name before the request context closes."""
+
+    code: str = "OK"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pgw_requests", "Requests by rpc, model and status code.", ["rpc", "model", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "pgw_request_duration_seconds",
+            "Time from arrival to reply.",
+            ["rpc", "model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "pgw_queue_duration_seconds",
+            "Time an item waited for its batch.",
+            ["model", "variant"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "pgw_inference_duration_seconds",
+            "Runtime time of one batch.",
+            ["model", "variant"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tokenization_seconds = Histogram(
+            "pgw_tokenization_duration_seconds",
+            "Time to tokenize one request.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "pgw_batch_size", "Items per batch.", ["model", "variant"], buckets=_BATCH_SIZES, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "pgw_batch_tokens",
+            "Padded tokens per batch.",
+            ["model", "variant"],
+            buckets=_BATCH_TOKENS,
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "pgw_batch_failures", "Batches that raised.", ["model", "variant"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "pgw_queue_depth", "Items waiting for a batch.", ["model", "variant"], registry=r
+        )
+        self.input_tokens = Counter("pgw_input_tokens", "Tokens read.", ["model"], registry=r)
+        self.output_tokens = Counter("pgw_output_tokens", "Tokens generated.", ["model"], registry=r)
+        self.model_info = Gauge(
+            "pgw_model_info",
+            "1 for every served model, labelled with what serves it.",
+            ["model", "task", "variant", "backend", "device", "provider"],
+            registry=r,
+        )
+
+    @contextmanager
+    def request(self, rpc: str, model: str) -> Iterator[Outcome]:
+        """Time one rpc and count it by the status code left in the outcome."""
+        outcome = Outcome()
+        started = time.perf_counter()
+        try:
+            yield outcome
+        finally:
+            self.request_seconds.labels(rpc, model).observe(time.perf_counter() - started)
+            self.requests.labels(rpc, model, outcome.code).inc()
+
+    def batch_observer(self, model: str, variant: str) -> Callable[[BatchStats], None]:
+        """A DynamicBatcher observer recording its batches under (model, variant)."""
+        queue = self.queue_seconds.labels(model, variant)
+        inference = self.inference_seconds.labels(model, variant)
+        size = self.batch_size.labels(model, variant)
+        tokens = self.batch_tokens.labels(model, variant)
+        failures = self.batch_failures.labels(model, variant)
+
+        def observe(stats: BatchStats) -> None:
+            for seconds in stats.queue_seconds:
+                queue.observe(seconds)
+            inference.observe(stats.run_seconds)
+            size.observe(stats.size)
+            tokens.observe(stats.padded_tokens)
+            if stats.failed:
+                failures.inc()
+
+        return observe
+
+    def track_queue_depth(self, model: str, variant: str, depth: Callable[[], int]) -> None:
+        self.queue_depth.labels(model, variant).set_function(lambda: float(depth()))
+
+    def count_tokens(self, model: str, input_tokens: int, output_tokens: int = 0) -> None:
+        self.input_tokens.labels(model).inc(input_tokens)
+        if output_tokens:
+            self.output_tokens.labels(model).inc(output_tokens)
+
+    def set_model_info(
+        self, model: str, task: str, variant: str, backend: str, device: str, provider: str
+    ) -> None:
+        self.model_info.labels(model, task, variant, backend, device, provider).set(1)
+
+    def serve_http(self, host: str, port: int) -> Callable[[], None]:
+        """Expose /metrics on host:port; returns a function that stops the HTTP server."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+
+        def stop() -> None:
+            server.shutdown()
+            thread.join(timeout=5)
+
+        return stop

@@ -1,0 +1,71 @@
+"""Load a `pgw export` directory for serving: manifest, variant, backends and tokenizer."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.backends.base import Backend
+from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
+from gateway.errors import InvalidInput
+from gateway.manifest import MANIFEST_NAME, Manifest, Variant
+from gateway.tokenization import TextTokenizer
+
+
+@dataclass
+class LoadedModel:
+    """An exported model ready to run: what the task models are built from."""
+
+    name: str
+    directory: Path
+    manifest: Manifest
+    variant: Variant
+    parts: dict[str, Backend]
+    tokenizer: TextTokenizer
+
+    @property
+    def backend(self) -> Backend:
+        """The single part of an encoder model."""
+        return self.parts["model"]
+
+    async def close(self) -> None:
+        for part in self.parts.values():
+            await part.close()
+
+
+def choose_variant(manifest: Manifest, device: str, requested: str | None = None) -> str:
+    """The requested variant, else int8 on CPU and fp16 on GPU, else fp32."""
+    if requested:
+        if requested not in manifest.variants:
+            raise InvalidInput(
+                f"variant {requested!r} was not exported; this model has {', '.join(manifest.variants)}"
+            )
+        return requested
+    preferred = ("fp16", "fp32") if device == "cuda" else ("int8", "fp32")
+    for name in preferred:
+        if name in manifest.variants:
+            return name
+    return next(iter(manifest.variants))
+
+
+def load_model(
+    name: str,
+    directory: Path,
+    settings: OrtSettings,
+    variant: str | None = None,
+    executor: ThreadPoolExecutor | None = None,
+) -> LoadedModel:
+    """Open every ONNX part of the chosen variant with ONNX Runtime."""
+    if not (directory / MANIFEST_NAME).is_file():
+        raise InvalidInput(f"{directory} has no {MANIFEST_NAME}: pass a directory written by `pgw export`")
+    manifest = Manifest.read(directory)
+    chosen = manifest.variants[choose_variant(manifest, settings.device, variant)]
+    pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+    parts: dict[str, Backend] = {
+        part: OnnxRuntimeBackend(directory / spec.file, settings, pool) for part, spec in chosen.parts.items()
+    }
+    tokenizer = TextTokenizer(
+        directory / manifest.tokenizer_file, manifest.special_tokens, manifest.max_input_tokens
+    )
+    return LoadedModel(name, directory, manifest, chosen, parts, tokenizer)

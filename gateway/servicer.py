@@ -1,0 +1,339 @@
+"""The Polyglot servicer: protobuf in -> domain dataclass -> one task call -> protobuf out. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Literal, TypeVar
+
+from grpc import aio
+
+from gateway.errors import GatewayError, InvalidInput
+from gateway.interceptors import status_of
+from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
+from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
+from gateway.registry import Registry, Served
+from gateway.tasks import embedding as emb
+from gateway.tasks import token_classification as tc
+from gateway.tasks import translation as tr
+from gateway.tasks.base import Timing, Usage
+
+E = TypeVar("E", bound=str)
+_FORMATS: dict[int, Literal["labels", "bio", "bioes"]] = {
+    pb.LABEL_FORMAT_UNSPECIFIED: "labels",
+    pb.LABEL_FORMAT_LABELS: "labels",
+    pb.LABEL_FORMAT_BIO: "bio",
+    pb.LABEL_FORMAT_BIOES: "bioes",
+}
+_SCORES: dict[int, Literal["none", "logits", "probabilities"]] = {
+    pb.SCORE_KIND_UNSPECIFIED: "none",
+    pb.SCORE_KIND_LOGITS: "logits",
+    pb.SCORE_KIND_PROBABILITIES: "probabilities",
+}
+_POOLING: dict[int, Literal["mean", "cls"]] = {
+    pb.POOLING_UNSPECIFIED: "mean",
+    pb.POOLING_MEAN: "mean",
+    pb.POOLING_CLS: "cls",
+}
+
+
+def deadline_of(context: aio.ServicerContext) -> float | None:
+    """The client's deadline as a time.monotonic() value, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _usage(usage: Usage) -> pb.Usage:
+    return pb.Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+
+
+def _timing(timing: Timing, started: float) -> pb.Timing:
+    total = 1000 * (time.perf_counter() - started)
+    return pb.Timing(queue_ms=timing.queue_ms, inference_ms=timing.inference_ms, total_ms=total)
+
+
+def _enum(table: Mapping[int, E], value: int, field: str) -> E:
+    if value not in table:
+        raise InvalidInput(f"{field}: unknown value {value}")
+    return table[value]
+
+
+class PolyglotServicer(pb_grpc.PolyglotServicer):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    # ------------------------------------------------------------------------------------------ translate
+
+    def _translate_input(self, request: pb.TranslateRequest, deadline: float | None) -> tr.TranslateInput:
+        o = request.options
+        sampling = None
+        if o.HasField("sampling"):
+            s = o.sampling
+            sampling = tr.SamplingOptions(
+                temperature=s.temperature or 1.0,
+                top_k=s.top_k,
+                top_p=s.top_p or 1.0,
+                seed=s.seed if s.HasField("seed") else None,
+            )
+        options = tr.DecodingOptions(
+            beam_size=max(1, o.beam_size),
+            max_new_tokens=o.max_new_tokens,
+            length_penalty=o.length_penalty if o.HasField("length_penalty") else 1.0,
+            early_stopping=o.early_stopping,
+            num_return=max(1, o.num_return),
+            sampling=sampling,
+            return_scores=o.return_scores,
+        )
+        return tr.TranslateInput(
+            texts=list(request.texts),
+            source_lang=request.source_lang,
+            target_lang=request.target_lang,
+            options=options,
+            deadline=deadline,
+        )
+
+    async def _translate(self, request: pb.TranslateRequest, deadline: float | None) -> pb.TranslateResponse:
+        started = time.perf_counter()
+        served = self.registry.resolve("translation", request.model)
+        model = served.model
+        assert isinstance(model, tr.TranslationModel)
+        result = await model.translate(self._translate_input(request, deadline))
+        return pb.TranslateResponse(
+            translations=[
+                pb.Translation(
+                    hypotheses=[
+                        pb.Hypothesis(
+                            text=h.text, score=h.score, token_ids=h.token_ids, token_logprobs=h.token_logprobs
+                        )
+                        for h in t.hypotheses
+                    ],
+                    truncated=t.truncated,
+                )
+                for t in result.translations
+            ],
+            model=served.name,
+            source_lang=result.source_lang,
+            target_lang=result.target_lang,
+            usage=_usage(result.usage),
+            timing=_timing(result.timing, started),
+            request_id=request.request_id,
+        )
+
+    async def Translate(
+        self, request: pb.TranslateRequest, context: aio.ServicerContext
+    ) -> pb.TranslateResponse:
+        return await self._translate(request, deadline_of(context))
+
+    async def TranslateStream(
+        self, request_iterator: AsyncIterator[pb.TranslateRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.TranslateResponse]:
+        """Requests run concurrently; each reply (or its error) is sent as soon as it is ready."""
+        deadline = deadline_of(context)
+        replies: asyncio.Queue[pb.TranslateResponse | None] = asyncio.Queue()
+
+        async def one(request: pb.TranslateRequest) -> None:
+            try:
+                reply = await self._translate(request, deadline)
+            except GatewayError as exc:
+                error = pb.RequestError(code=status_of(exc).name, message=str(exc))
+                reply = pb.TranslateResponse(request_id=request.request_id, error=error)
+            await replies.put(reply)
+
+        async def read() -> None:
+            async with asyncio.TaskGroup() as group:
+                async for request in request_iterator:
+                    group.create_task(one(request))
+            await replies.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader
+        finally:
+            reader.cancel()
+
+    # ---------------------------------------------------------------------------------------- classify
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        started = time.perf_counter()
+        served = self.registry.resolve("token-classification", request.model)
+        model = served.model
+        assert isinstance(model, tc.TokenClassificationModel)
+        result = await model.classify(
+            tc.ClassifyInput(
+                texts=list(request.texts),
+                format=_enum(_FORMATS, request.format, "format"),
+                scores=_enum(_SCORES, request.return_scores, "return_scores"),
+                threshold=request.threshold if request.HasField("threshold") else None,
+                deadline=deadline_of(context),
+            )
+        )
+        return pb.ClassifyResponse(
+            results=[
+                pb.ClassifiedText(
+                    tokens=[
+                        pb.TokenLabel(
+                            token=t.token,
+                            start=t.start,
+                            end=t.end,
+                            label=t.label,
+                            score=t.score,
+                            scores=t.scores,
+                        )
+                        for t in text.tokens
+                    ],
+                    spans=[
+                        pb.Span(label=s.label, start=s.start, end=s.end, text=s.text, score=s.score)
+                        for s in text.spans
+                    ],
+                    truncated=text.truncated,
+                )
+                for text in result.results
+            ],
+            model=served.name,
+            labels=result.labels,
+            usage=_usage(result.usage),
+            timing=_timing(result.timing, started),
+        )
+
+    async def Segment(self, request: pb.SegmentRequest, context: aio.ServicerContext) -> pb.SegmentResponse:
+        started = time.perf_counter()
+        served = self.registry.resolve("token-classification", request.model)
+        model = served.model
+        assert isinstance(model, tc.TokenClassificationModel)
+        result = await model.segment(
+            tc.SegmentInput(
+                texts=list(request.texts),
+                threshold=request.threshold if request.HasField("threshold") else None,
+                max_length=request.max_length,
+                stride=request.stride,
+                return_probabilities=request.return_probabilities,
+                deadline=deadline_of(context),
+            )
+        )
+        return pb.SegmentResponse(
+            results=[
+                pb.SegmentedText(
+                    sentences=[pb.Sentence(text=s.text, start=s.start, end=s.end) for s in text.sentences],
+                    probabilities=text.probabilities or [],
+                )
+                for text in result.results
+            ],
+            model=served.name,
+            threshold=result.threshold,
+            usage=_usage(result.usage),
+            timing=_timing(result.timing, started),
+        )
+
+    # ------------------------------------------------------------------------------------ embed, fill-mask
+
+    async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
+        started = time.perf_counter()
+        served = self.registry.resolve("embedding", request.model)
+        model = served.model
+        assert isinstance(model, emb.EmbeddingModel)
+        result = await model.embed(
+            emb.EmbedInput(
+                texts=list(request.texts),
+                pooling=_enum(_POOLING, request.pooling, "pooling"),
+                normalize=request.normalize,
+                truncate=request.truncate,
+                deadline=deadline_of(context),
+            )
+        )
+        return pb.EmbedResponse(
+            embeddings=[
+                pb.Embedding(values=e.values.tolist(), truncated=e.truncated) for e in result.embeddings
+            ],
+            model=served.name,
+            dimensions=result.dimensions,
+            usage=_usage(result.usage),
+            timing=_timing(result.timing, started),
+        )
+
+    async def FillMask(
+        self, request: pb.FillMaskRequest, context: aio.ServicerContext
+    ) -> pb.FillMaskResponse:
+        started = time.perf_counter()
+        served = self.registry.resolve("fill-mask", request.model)
+        model = served.model
+        assert isinstance(model, emb.FillMaskModel)
+        result = await model.fill_mask(
+            emb.FillMaskInput(
+                texts=list(request.texts), top_k=request.top_k or 5, deadline=deadline_of(context)
+            )
+        )
+        return pb.FillMaskResponse(
+            results=[
+                pb.FilledText(
+                    masks=[
+                        pb.MaskPredictions(
+                            start=m.start,
+                            end=m.end,
+                            predictions=[
+                                pb.TokenPrediction(
+                                    token=p.token, token_id=p.token_id, score=p.score, sequence=p.sequence
+                                )
+                                for p in m.predictions
+                            ],
+                        )
+                        for m in masks
+                    ]
+                )
+                for masks in result.results
+            ],
+            model=served.name,
+            mask_token=result.mask_token,
+            usage=_usage(result.usage),
+            timing=_timing(result.timing, started),
+        )
+
+    # ------------------------------------------------------------------------------------------ models
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._model_info(entry) for entry in self.registry.all()])
+
+    def _model_info(self, entry: Served) -> pb.ModelInfo:
+        name = entry.name
+        manifest, variant = entry.loaded.manifest, entry.loaded.variant
+        backend = next(iter(entry.loaded.parts.values()))
+        report = variant.accuracy
+        accuracy = None
+        if report is not None:
+            accuracy = pb.AccuracyReport(
+                reference=report.reference,
+                probe_set=report.probe_set,
+                passed=report.passed,
+                metrics=[
+                    pb.AccuracyMetric(name=k, value=v, bound=report.bounds.get(k))
+                    for k, v in report.metrics.items()
+                ],
+            )
+        info = pb.ModelInfo(
+            name=name,
+            task=manifest.task,
+            backend=backend.name,
+            device=backend.device,
+            variant=variant.name,
+            provider=backend.provider,
+            max_input_tokens=manifest.max_input_tokens,
+            accuracy=accuracy,
+            source=f"{manifest.source.name} sha256:{manifest.source.sha256[:16]}",
+            random_weights=manifest.source.random_weights,
+            ready=True,
+            is_default=self.registry.is_default(name),
+        )
+        if manifest.translation is not None:
+            info.languages.extend(manifest.translation.languages)
+            info.max_new_tokens = manifest.translation.max_new_tokens
+        if manifest.token_classification is not None:
+            info.labels.extend(manifest.token_classification.labels)
+        if manifest.embedding is not None:
+            info.dimensions = manifest.embedding.dimensions
+        return info

@@ -1,0 +1,1 @@
+"""Task models: preprocess (tokenize) -> DynamicBatcher -> backend -> postprocess. No runtime imports."""

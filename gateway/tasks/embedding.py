@@ -1,0 +1,267 @@
+"""Embeddings (pooling and normalization run inside the graph) and fill-mask (top-k inside the graph).
+
+Each text is one batcher item; a batch pads its items to the longest and runs the encoder once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Timed
+from gateway.errors import InvalidInput
+from gateway.runtime import LoadedModel
+from gateway.tasks.base import Timing, Usage
+from gateway.tokenization import Encoded, pad_batch
+
+Pooling = Literal["mean", "cls"]
+MAX_TEXTS = 256
+
+
+def check_texts(texts: Sequence[str], max_chars: int) -> None:
+    """Requests carry 1..MAX_TEXTS non-empty texts of at most `max_chars` characters."""
+    if not texts:
+        raise InvalidInput("texts: at least one text is required")
+    if len(texts) > MAX_TEXTS:
+        raise InvalidInput(f"texts: {len(texts)} texts exceed the limit of {MAX_TEXTS} per request")
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidInput(f"texts[{index}]: empty text")
+        if len(text) > max_chars:
+            raise InvalidInput(f"texts[{index}]: {len(text)} characters exceed the limit of {max_chars}")
+
+
+# --------------------------------------------------------------------------------------------------- embed
+
+
+@dataclass(frozen=True)
+class EmbedInput:
+    texts: list[str]
+    pooling: Pooling = "mean"
+    normalize: bool = False
+    truncate: bool = True  # False: texts over the input limit are refused instead of cut
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Embedding:
+    values: np.ndarray  # float32 [dimensions]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class EmbedOutput:
+    embeddings: list[Embedding]
+    dimensions: int
+    usage: Usage
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class _EmbedItem:
+    encoded: Encoded
+    output: str  # the graph output holding this item's pooling
+
+
+class EmbeddingModel:
+    """Sentence embeddings from an `embedding` export."""
+
+    task = "embedding"
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        settings: BatcherSettings,
+        observer: Observer | None = None,
+        max_chars: int = 20000,
+    ) -> None:
+        info = model.manifest.embedding
+        if info is None:
+            raise InvalidInput(f"{model.name} is a {model.manifest.task} model, not an embedding model")
+        self.model = model
+        self.dimensions = info.dimensions
+        self._outputs = info.outputs
+        self.max_chars = max_chars
+        self.batcher: DynamicBatcher[_EmbedItem, np.ndarray] = DynamicBatcher(
+            model.name, self._run, settings, observer
+        )
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    def _output_name(self, pooling: Pooling, normalize: bool) -> str:
+        return self._outputs[f"{pooling}_normalized" if normalize else pooling]
+
+    async def embed(self, request: EmbedInput) -> EmbedOutput:
+        check_texts(request.texts, self.max_chars)
+        encoded = self.model.tokenizer.encode_batch(request.texts)
+        if not request.truncate:
+            for index, item in enumerate(encoded):
+                if item.truncated:
+                    raise InvalidInput(
+                        f"texts[{index}]: longer than the model's limit of {self.model.tokenizer.max_length} "
+                        "tokens; shorten it or set truncate"
+                    )
+        output = self._output_name(request.pooling, request.normalize)
+        timed = await asyncio.gather(
+            *(self.batcher.submit(_EmbedItem(e, output), len(e), request.deadline) for e in encoded)
+        )
+        return EmbedOutput(
+            embeddings=[Embedding(t.value, e.truncated) for t, e in zip(timed, encoded, strict=True)],
+            dimensions=self.dimensions,
+            usage=Usage(input_tokens=sum(len(e) for e in encoded)),
+            timing=Timing.of(timed),
+        )
+
+    async def _run(self, items: list[_EmbedItem]) -> list[np.ndarray]:
+        input_ids, attention_mask = pad_batch(
+            [i.encoded.ids for i in items], self.model.manifest.special_tokens.pad_id
+        )
+        names = sorted({i.output for i in items})
+        out = await self.model.backend.run({"input_ids": input_ids, "attention_mask": attention_mask}, names)
+        return [out[item.output][row].astype(np.float32, copy=False) for row, item in enumerate(items)]
+
+
+# ----------------------------------------------------------------------------------------------- fill-mask
+
+
+@dataclass(frozen=True)
+class FillMaskInput:
+    texts: list[str]
+    top_k: int = 5
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenPrediction:
+    token: str
+    token_id: int
+    score: float
+    sequence: str  # the text with this mask replaced by the prediction
+
+
+@dataclass(frozen=True)
+class MaskPredictions:
+    start: int
+    end: int
+    predictions: list[TokenPrediction]
+
+
+@dataclass(frozen=True)
+class FillMaskOutput:
+    results: list[list[MaskPredictions]]  # per text, per mask
+    mask_token: str
+    usage: Usage
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class _MaskItem:
+    encoded: Encoded
+    positions: list[int]  # token indices of the mask tokens
+
+
+class FillMaskModel:
+    """Masked-token prediction from a `fill-mask` export."""
+
+    task = "fill-mask"
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        settings: BatcherSettings,
+        observer: Observer | None = None,
+        max_chars: int = 20000,
+    ) -> None:
+        info, special = model.manifest.fill_mask, model.manifest.special_tokens
+        if info is None or special.mask_id is None or special.mask_token is None:
+            raise InvalidInput(f"{model.name} is a {model.manifest.task} model, not a fill-mask model")
+        self.model = model
+        self.max_top_k = info.max_top_k
+        self.mask_id, self.mask_token = special.mask_id, special.mask_token
+        self.max_chars = max_chars
+        self.batcher: DynamicBatcher[_MaskItem, tuple[np.ndarray, np.ndarray]] = DynamicBatcher(
+            model.name, self._run, settings, observer
+        )
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    def _items(self, texts: Sequence[str]) -> list[_MaskItem]:
+        items = []
+        for index, encoded in enumerate(self.model.tokenizer.encode_batch(texts)):
+            positions = [p for p, token in enumerate(encoded.ids) if token == self.mask_id]
+            if not positions:
+                message = (
+                    "has no mask token"
+                    if self.mask_token not in texts[index]
+                    else "lost its mask to truncation"
+                )
+                raise InvalidInput(
+                    f"texts[{index}] {message}; mark the word to predict with {self.mask_token}"
+                )
+            items.append(_MaskItem(encoded, positions))
+        return items
+
+    async def fill_mask(self, request: FillMaskInput) -> FillMaskOutput:
+        check_texts(request.texts, self.max_chars)
+        if not 1 <= request.top_k <= self.max_top_k:
+            raise InvalidInput(f"top_k: {request.top_k} is outside 1..{self.max_top_k}")
+        items = self._items(request.texts)
+        timed: list[Timed[tuple[np.ndarray, np.ndarray]]] = await asyncio.gather(
+            *(self.batcher.submit(item, len(item.encoded), request.deadline) for item in items)
+        )
+        results = [
+            self._predictions(text, item, t.value, request.top_k)
+            for text, item, t in zip(request.texts, items, timed, strict=True)
+        ]
+        return FillMaskOutput(
+            results=results,
+            mask_token=self.mask_token,
+            usage=Usage(input_tokens=sum(len(item.encoded) for item in items)),
+            timing=Timing.of(timed),
+        )
+
+    def _predictions(
+        self, text: str, item: _MaskItem, top: tuple[np.ndarray, np.ndarray], top_k: int
+    ) -> list[MaskPredictions]:
+        probs, ids = top
+        masks = []
+        for column, position in enumerate(item.positions):
+            start, end = item.encoded.offsets[position]
+            predictions = []
+            for score, token_id in zip(probs[column, :top_k], ids[column, :top_k], strict=True):
+                token = self.model.tokenizer.decode([int(token_id)], skip_special_tokens=False).strip()
+                sequence = text[:start] + token + text[end:]
+                predictions.append(TokenPrediction(token, int(token_id), float(score), sequence))
+            masks.append(MaskPredictions(start, end, predictions))
+        return masks
+
+    async def _run(self, items: list[_MaskItem]) -> list[tuple[np.ndarray, np.ndarray]]:
+        pad_id = self.model.manifest.special_tokens.pad_id
+        input_ids, attention_mask = pad_batch([i.encoded.ids for i in items], pad_id)
+        width = max(len(i.positions) for i in items)
+        positions = np.zeros((len(items), width), dtype=np.int64)
+        for row, item in enumerate(items):
+            positions[row, : len(item.positions)] = item.positions
+        out = await self.model.backend.run(
+            {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions},
+            ["top_probabilities", "top_token_ids"],
+        )
+        return [
+            (
+                out["top_probabilities"][row, : len(item.positions)],
+                out["top_token_ids"][row, : len(item.positions)],
+            )
+            for row, item in enumerate(items)
+        ]

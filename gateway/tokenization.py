@@ -1,0 +1,101 @@
+"""Tokenization for serving, on the `tokenizers` library alone (no transformers, no torch).
+
+Offsets are code-point indices into the input string, as the API promises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from gateway.manifest import SpecialTokens
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    offsets: list[tuple[int, int]]  # (start, end) code points; (0, 0) for special tokens
+    special: list[bool]  # True for tokens the tokenizer added (<s>, [CLS], ...)
+    truncated: bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _encoded(encoding: Encoding, truncated: bool) -> Encoded:
+    return Encoded(
+        ids=list(encoding.ids),
+        offsets=[(int(a), int(b)) for a, b in encoding.offsets],
+        special=[bool(m) for m in encoding.special_tokens_mask],
+        truncated=truncated,
+    )
+
+
+class TextTokenizer:
+    """The exported `tokenizer.json`, with the model's input limit applied."""
+
+    def __init__(self, path: Path, special: SpecialTokens, max_length: int) -> None:
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self.special = special
+        self.max_length = max_length
+
+    def encode(self, text: str, add_special_tokens: bool = True, truncate: bool = True) -> Encoded:
+        """One text; with `truncate`, cut to the model's limit keeping the special tokens (flagged)."""
+        return self.encode_batch([text], add_special_tokens, truncate)[0]
+
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True, truncate: bool = True
+    ) -> list[Encoded]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [self._limit(e) if truncate else _encoded(e, False) for e in encodings]
+
+    def _limit(self, encoding: Encoding) -> Encoded:
+        if len(encoding.ids) <= self.max_length:
+            return _encoded(encoding, False)
+        full = _encoded(encoding, True)
+        # Keep the leading special tokens, as many content tokens as fit, and the trailing special tokens.
+        tail = 0
+        while tail < len(full.special) and full.special[-1 - tail]:
+            tail += 1
+        keep_head = self.max_length - tail
+        pick = list(range(keep_head)) + list(range(len(full.ids) - tail, len(full.ids)))
+        return Encoded(
+            ids=[full.ids[i] for i in pick],
+            offsets=[full.offsets[i] for i in pick],
+            special=[full.special[i] for i in pick],
+            truncated=True,
+        )
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return list(
+            self._tokenizer.decode_batch(
+                [list(ids) for ids in batch], skip_special_tokens=skip_special_tokens
+            )
+        )
+
+    def token_to_id(self, token: str) -> int | None:
+        result = self._tokenizer.token_to_id(token)
+        return None if result is None else int(result)
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(self._tokenizer.id_to_token(token_id))
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id rows into (input_ids, attention_mask), both int64 [batch, longest]."""
+    width = max(len(row) for row in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = row
+        attention_mask[index, : len(row)] = 1
+    return input_ids, attention_mask

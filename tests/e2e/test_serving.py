@@ -1,0 +1,118 @@
+"""End to end over loopback: every rpc against PyTorch, health, reflection, metrics and error statuses."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoModel, AutoTokenizer
+
+from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
+from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
+from gateway.samples import probe_sentences
+from gateway.server import GatewayServer
+
+Stub = polyglot_pb2_grpc.PolyglotStub
+TEXTS = [s.text for s in probe_sentences()][:8]
+
+
+async def test_embed_matches_pytorch_mean_pooling(stub: Stub, demo_dir: Path) -> None:
+    reply = await stub.Embed(pb.EmbedRequest(texts=TEXTS, pooling=pb.POOLING_MEAN))
+    tok = AutoTokenizer.from_pretrained(demo_dir / "distilbert-demo")
+    encoder = AutoModel.from_pretrained(demo_dir / "distilbert-demo", use_safetensors=True).eval()
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    got = np.array([list(e.values) for e in reply.embeddings], dtype=np.float32)
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert np.all(cosine > 1 - 1e-4)
+    assert reply.dimensions == expected.shape[1]
+    assert reply.model == "distilbert-demo"
+    assert reply.usage.input_tokens == int(batch["attention_mask"].sum())
+    assert reply.timing.total_ms >= reply.timing.inference_ms > 0
+
+
+async def test_fill_mask_over_grpc(stub: Stub) -> None:
+    reply = await stub.FillMask(pb.FillMaskRequest(texts=["Der Zug fährt um [MASK] Uhr."], top_k=4))
+    (mask,) = reply.results[0].masks
+    assert len(mask.predictions) == 4
+    scores = [p.score for p in mask.predictions]
+    assert scores == sorted(scores, reverse=True)
+    assert reply.mask_token == "[MASK]"
+
+
+async def test_list_models_describes_each_model(stub: Stub) -> None:
+    reply = await stub.ListModels(pb.ListModelsRequest())
+    models = {m.name: m for m in reply.models}
+    assert set(models) == {"sat-demo", "distilbert-demo", "distilbert-demo-fill-mask", "nllb-demo"}
+    nllb = models["nllb-demo"]
+    assert nllb.task == "translation"
+    assert nllb.variant == "fp32"
+    assert nllb.backend == "onnxruntime"
+    assert nllb.provider == "CPUExecutionProvider"
+    assert nllb.random_weights
+    assert nllb.is_default
+    assert "fra_Latn" in nllb.languages
+    assert {m.name for m in nllb.accuracy.metrics} >= {"token_agreement", "max_logprob_error"}
+    assert models["distilbert-demo"].dimensions > 0
+    assert models["sat-demo"].labels
+
+
+async def test_health_and_reflection(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "polyglot.v1.Polyglot", "polyglot.v1.Polyglot/nllb-demo"):
+        status = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name async for r in responses for s in r.list_services_response.service}
+    assert "polyglot.v1.Polyglot" in names
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+ERRORS = [
+    ("Embed", pb.EmbedRequest(), INVALID, "at least one text"),
+    ("Embed", pb.EmbedRequest(texts=["x"], model="nope"), INVALID, "unknown model 'nope'"),
+    ("Embed", pb.EmbedRequest(texts=["x"], model="nllb-demo"), INVALID, "is a translation model"),
+    ("Embed", pb.EmbedRequest(texts=["x"] * 257), INVALID, "limit of 256"),
+    ("Embed", pb.EmbedRequest(texts=["x" * 20001]), INVALID, "limit of 20000"),
+    ("Embed", pb.EmbedRequest(texts=["x"], pooling=7), INVALID, "pooling"),
+    ("FillMask", pb.FillMaskRequest(texts=["no mask"]), INVALID, "mask"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_message", "code", "message"), ERRORS)
+async def test_errors_have_a_status_and_the_server_goes_on(
+    stub: Stub, rpc: str, request_message: object, code: grpc.StatusCode, message: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await getattr(stub, rpc)(request_message)
+    assert caught.value.code() == code
+    assert message in (caught.value.details() or "")
+    reply = await stub.Embed(pb.EmbedRequest(texts=["still serving"]))
+    assert len(reply.embeddings) == 1
+
+
+async def test_deadline_exceeded(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(pb.EmbedRequest(texts=TEXTS * 30), timeout=0.0001)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_metrics_endpoint(stub: Stub, gateway: GatewayServer) -> None:
+    await stub.Embed(pb.EmbedRequest(texts=TEXTS))
+    url = f"http://127.0.0.1:{gateway.config.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'pgw_requests_total{rpc="Embed",model="distilbert-demo",code="OK"}' in body
+    assert "pgw_batch_size_bucket" in body
+    assert 'pgw_model_info{model="distilbert-demo",task="embedding",variant="fp32"' in body
+    assert "pgw_queue_depth" in body

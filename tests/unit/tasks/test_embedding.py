@@ -1,0 +1,114 @@
+"""Embed and FillMask through the batcher and ONNX Runtime, against PyTorch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+from gateway.backends.onnxruntime import OrtSettings
+from gateway.batcher import BatcherSettings
+from gateway.errors import InvalidInput
+from gateway.manifest import Manifest, Task
+from gateway.runtime import load_model
+from gateway.samples import probe_sentences
+from gateway.tasks.embedding import EmbeddingModel, EmbedInput, FillMaskInput, FillMaskModel
+
+Exported = Callable[[Task], tuple[Path, Manifest]]
+TEXTS = [s.text for s in probe_sentences()][:12]
+SETTINGS = BatcherSettings(max_batch_size=8, max_queue_delay_ms=2)
+
+
+@pytest.fixture
+async def embedder(exported: Exported) -> AsyncIterator[EmbeddingModel]:
+    out, _ = exported("embedding")
+    model = EmbeddingModel(load_model("emb", out, OrtSettings(), variant="fp32"), SETTINGS)
+    model.start()
+    yield model
+    await model.close()
+
+
+@pytest.fixture
+async def filler(exported: Exported) -> AsyncIterator[FillMaskModel]:
+    out, _ = exported("fill-mask")
+    model = FillMaskModel(load_model("mlm", out, OrtSettings(), variant="fp32"), SETTINGS)
+    model.start()
+    yield model
+    await model.close()
+
+
+def _torch_mean_pooling(demo_dir: Path, texts: list[str]) -> np.ndarray:
+    tok = AutoTokenizer.from_pretrained(demo_dir / "distilbert-demo")
+    encoder = AutoModel.from_pretrained(demo_dir / "distilbert-demo", use_safetensors=True).eval()
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+
+
+async def test_embed_matches_pytorch_mean_pooling(embedder: EmbeddingModel, demo_dir: Path) -> None:
+    result = await embedder.embed(EmbedInput(TEXTS, pooling="mean", normalize=True))
+    expected = _torch_mean_pooling(demo_dir, TEXTS)
+    got = np.stack([e.values for e in result.embeddings])
+    cosine = (got * expected).sum(1) / np.linalg.norm(expected, axis=1)
+    assert np.all(cosine > 1 - 1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert result.dimensions == got.shape[1]
+    assert result.usage.input_tokens > len(TEXTS)
+
+
+async def test_embed_batched_equals_alone(embedder: EmbeddingModel) -> None:
+    together = await asyncio.gather(*(embedder.embed(EmbedInput([t], pooling="cls")) for t in TEXTS))
+    for text, reply in zip(TEXTS, together, strict=True):
+        alone = await embedder.embed(EmbedInput([text], pooling="cls"))
+        np.testing.assert_allclose(reply.embeddings[0].values, alone.embeddings[0].values, atol=1e-5)
+
+
+async def test_embed_truncation_is_flagged_or_refused(embedder: EmbeddingModel) -> None:
+    long_text = " ".join(TEXTS * 30)
+    result = await embedder.embed(EmbedInput([long_text, TEXTS[0]]))
+    assert [e.truncated for e in result.embeddings] == [True, False]
+    with pytest.raises(InvalidInput, match=r"texts\[0\].*limit of \d+ tokens"):
+        await embedder.embed(EmbedInput([long_text], truncate=False))
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [([], "at least one text"), (["ok", " "], r"texts\[1\]: empty"), (["x" * 20001], "20000")],
+)
+async def test_embed_rejects_bad_input(embedder: EmbeddingModel, texts: list[str], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        await embedder.embed(EmbedInput(texts))
+
+
+async def test_fill_mask_matches_pytorch(filler: FillMaskModel, demo_dir: Path) -> None:
+    texts = ["The market opens at [MASK] o'clock.", "Le [MASK] est ouvert, le [MASK] aussi."]
+    result = await filler.fill_mask(FillMaskInput(texts, top_k=3))
+    tok = AutoTokenizer.from_pretrained(demo_dir / "distilbert-demo")
+    model = AutoModelForMaskedLM.from_pretrained(demo_dir / "distilbert-demo", use_safetensors=True).eval()
+    for text, masks in zip(texts, result.results, strict=True):
+        batch = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            probs = torch.softmax(model(**batch).logits[0], -1)
+        positions = (batch["input_ids"][0] == tok.mask_token_id).nonzero()[:, 0].tolist()
+        assert len(masks) == len(positions) == text.count("[MASK]")
+        for mask, position in zip(masks, positions, strict=True):
+            assert text[mask.start : mask.end] == "[MASK]"
+            top = torch.topk(probs[position], 3)
+            assert [p.token_id for p in mask.predictions] == top.indices.tolist()
+            np.testing.assert_allclose([p.score for p in mask.predictions], top.values.numpy(), atol=1e-4)
+            best = mask.predictions[0]
+            assert best.sequence == text[: mask.start] + best.token + text[mask.end :]
+
+
+async def test_fill_mask_needs_a_mask(filler: FillMaskModel) -> None:
+    with pytest.raises(InvalidInput, match=r"texts\[0\] has no mask token.*\[MASK\]"):
+        await filler.fill_mask(FillMaskInput(["no mask here"]))
+    with pytest.raises(InvalidInput, match="top_k"):
+        await filler.fill_mask(FillMaskInput(["a [MASK]"], top_k=0))
