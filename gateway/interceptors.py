@@ -75,6 +75,12 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler
 
+    def _count_tokens(self, rpc: str, request: Any, response: Any) -> None:
+        """Every reply carries its usage; count it under the request's model."""
+        if "usage" in response.DESCRIPTOR.fields_by_name and response.HasField("usage"):
+            usage = response.usage
+            self.metrics.count_tokens(self.model_label(rpc, request), usage.input_tokens, usage.output_tokens)
+
     def _start(self, context: aio.ServicerContext) -> str:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get(REQUEST_ID) or uuid.uuid4().hex)
@@ -97,7 +103,9 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             with self.metrics.request(rpc, self.model_label(rpc, request)) as outcome:
                 try:
                     await self._authorize(context)
-                    return await behavior(request, context)
+                    response = await behavior(request, context)
+                    self._count_tokens(rpc, request, response)
+                    return response
                 except aio.AbortError:
                     outcome.code = context.code().name if context.code() else "UNKNOWN"
                     raise
@@ -119,6 +127,7 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     await self._authorize(context)
                     async for response in behavior(requests, context):
+                        self._count_tokens(rpc, response, response)
                         yield response
                 except aio.AbortError:
                     outcome.code = context.code().name if context.code() else "UNKNOWN"

@@ -100,6 +100,7 @@ def build_registry(config: ServerConfig, metrics: Metrics) -> Registry:
         settings = OrtSettings(device=device, intra_op_threads=config.intra_op_threads)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{model.name}")
         loaded = load_model(model.name, model.path, settings, model.variant, executor)
+        loaded.tokenizer.observer = metrics.tokenization_seconds.labels(model.name).observe
         task_model = _task_model(loaded, config, model, metrics)
         registry.add(Served(model.name, loaded.manifest.task, loaded, task_model, model.default))
         backend = loaded.backend if "model" in loaded.parts else next(iter(loaded.parts.values()))

@@ -5,7 +5,8 @@ Offsets are code-point indices into the input string, as the API promises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class TextTokenizer:
         self._tokenizer.no_padding()
         self.special = special
         self.max_length = max_length
+        self.observer: Callable[[float], None] | None = None  # seconds per encode call, for metrics
 
     def encode(self, text: str, add_special_tokens: bool = True, truncate: bool = True) -> Encoded:
         """One text; with `truncate`, cut to the model's limit keeping the special tokens (flagged)."""
@@ -52,8 +54,12 @@ class TextTokenizer:
     def encode_batch(
         self, texts: Sequence[str], add_special_tokens: bool = True, truncate: bool = True
     ) -> list[Encoded]:
+        started = time.perf_counter()
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        return [self._limit(e) if truncate else _encoded(e, False) for e in encodings]
+        encoded = [self._limit(e) if truncate else _encoded(e, False) for e in encodings]
+        if self.observer is not None:
+            self.observer(time.perf_counter() - started)
+        return encoded
 
     def _limit(self, encoding: Encoding) -> Encoded:
         if len(encoding.ids) <= self.max_length:

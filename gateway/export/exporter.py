@@ -6,7 +6,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from gateway.errors import ExportError, InvalidInput
 from gateway.export import accuracy, loaders
 from gateway.export import onnx as onnx_export
 from gateway.export.demo import read_demo_info
-from gateway.export.variants import convert_fp16, onnx_size, quantize_int8
+from gateway.export.variants import convert_fp16, in_own_process, onnx_size, quantize_int8
 from gateway.languages import flores200_codes
 from gateway.manifest import (
     VARIANTS,
@@ -159,9 +159,9 @@ class _Exporter:
         for part, source in fp32.items():
             target = self.out / name / source.name
             if name == "int8":
-                details = quantize_int8(source, target)
+                details = in_own_process(quantize_int8, source, target)
             else:
-                details = convert_fp16(source, target, *self._optimizer_family())
+                details = in_own_process(convert_fp16, source, target, *self._optimizer_family())
             parts[part] = target
         return parts, details
 
@@ -324,7 +324,7 @@ class _Exporter:
             task=self.task,
             source=self._source(),
             exporter=f"polyglot-gateway {__version__}",
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             special_tokens=_special_tokens(self.tokenizer),
             max_input_tokens=self.max_length,
             variants=variants,

@@ -9,9 +9,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -33,7 +37,23 @@ def _total_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def quantize_int8(source: Path, target: Path) -> dict[str, str | int | float | bool]:
+Details = dict[str, str | int | float | bool]
+_ISOLATE_FROM = 2**30
+
+
+def in_own_process(function: Callable[..., Details], source: Path, *args: Any) -> Details:
+    """Run a conversion of a graph over 1 GB in a fresh process, so that its peak memory is given back.
+
+    Converting the full-size NLLB parts one after another in the exporter's process (which also holds the
+    PyTorch model) reached 24 GB and was killed; each conversion alone stays near 10 GB.
+    """
+    if _total_bytes(source) < _ISOLATE_FROM:
+        return function(source, *args)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, source, *args).result()
+
+
+def quantize_int8(source: Path, target: Path) -> Details:
     """Dynamic per-channel int8 quantization of MatMul/Gemm weights; returns the settings used."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -58,9 +78,7 @@ def quantize_int8(source: Path, target: Path) -> dict[str, str | int | float | b
     }
 
 
-def convert_fp16(
-    source: Path, target: Path, model_type: str, num_heads: int, hidden_size: int
-) -> dict[str, str | int | float | bool]:
+def convert_fp16(source: Path, target: Path, model_type: str, num_heads: int, hidden_size: int) -> Details:
     """Fuse with the ONNX Runtime transformer optimizer, then float16 with float32 inputs and outputs.
 
     model_type is the optimizer's family: "bert" for BERT/DistilBERT/XLM-R encoders, "bart" for the
@@ -71,7 +89,7 @@ def convert_fp16(
     from onnxruntime.transformers.optimizer import optimize_model
 
     large = _total_bytes(source) >= _TWO_GB
-    details: dict[str, str | int | float | bool] = {"io": "float32"}
+    details: Details = {"io": "float32"}
     if large:
         model = OnnxModel(onnx.load(str(source)))
         model.convert_float_to_float16(keep_io_types=True, disable_shape_infer=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModel, AutoTokenizer
 
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
@@ -112,7 +113,24 @@ async def test_metrics_endpoint(stub: Stub, gateway: GatewayServer) -> None:
     await stub.Embed(pb.EmbedRequest(texts=TEXTS))
     url = f"http://127.0.0.1:{gateway.config.metrics_port}/metrics"
     body = urllib.request.urlopen(url, timeout=5).read().decode()
-    assert 'pgw_requests_total{rpc="Embed",model="distilbert-demo",code="OK"}' in body
-    assert "pgw_batch_size_bucket" in body
-    assert 'pgw_model_info{model="distilbert-demo",task="embedding",variant="fp32"' in body
-    assert "pgw_queue_depth" in body
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+    ok = ("pgw_requests_total", (("code", "OK"), ("model", "distilbert-demo"), ("rpc", "Embed")))
+    assert samples[ok] >= 1
+    names = {name for name, _ in samples}
+    for expected in (
+        "pgw_batch_size_bucket",
+        "pgw_batch_tokens_bucket",
+        "pgw_queue_duration_seconds_bucket",
+        "pgw_inference_duration_seconds_bucket",
+        "pgw_request_duration_seconds_bucket",
+        "pgw_queue_depth",
+        "pgw_input_tokens_total",
+        "pgw_model_info",
+    ):
+        assert expected in names, expected
+    info = [labels for name, labels in samples if name == "pgw_model_info"]
+    assert info[0][:2] == (("backend", "onnxruntime"), ("device", "cpu"))

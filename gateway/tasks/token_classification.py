@@ -1,0 +1,390 @@
+"""Token classification (Classify) and SaT sentence segmentation (Segment) on one token-classifier export.
+
+Classify labels every token (LABELS), or tags tokens and groups them into spans (BIO, BIOES). For an
+`id2label` model the spans are entities; for a SaT model, whose one label marks a sentence end after the
+token, the spans are sentences.
+
+Segment follows wtpsplit's SaT algorithm: XLM-R tokens without special tokens, windows of at most 510 tokens
+each wrapped in `<s>`/`</s>`, a stride between window starts, overlapping logits averaged, sigmoid, each
+token's probability placed on its last character, a split after every character whose probability exceeds
+the threshold; a sentence keeps the whitespace that follows it, so the sentences concatenate to the text.
+Two deliberate differences: windows are never shortened to the batch's longest text (wtpsplit's block size
+depends on what else is in the batch; ours does not), and every newline in the input also ends a sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Timed
+from gateway.errors import InvalidInput
+from gateway.runtime import LoadedModel
+from gateway.tasks.base import Timing, Usage
+from gateway.tasks.embedding import check_texts
+from gateway.tokenization import Encoded, pad_batch
+
+Format = Literal["labels", "bio", "bioes"]
+ScoreKind = Literal["none", "logits", "probabilities"]
+WINDOW = 510  # content tokens per window; <s> and </s> make 512
+DEFAULT_STRIDE = 64  # tokens between window starts, as wtpsplit
+SAT_LABEL, SENTENCE = "BOUNDARY", "SENTENCE"
+
+
+@dataclass(frozen=True)
+class ClassifyInput:
+    texts: list[str]
+    format: Format = "labels"
+    scores: ScoreKind = "none"
+    threshold: float | None = None
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenLabel:
+    token: str  # the text the token covers
+    start: int
+    end: int
+    label: str
+    score: float
+    scores: list[float]  # per model label, when asked for
+
+
+@dataclass(frozen=True)
+class Span:
+    label: str
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ClassifiedText:
+    tokens: list[TokenLabel]
+    spans: list[Span]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class ClassifyOutput:
+    results: list[ClassifiedText]
+    labels: list[str]
+    usage: Usage
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class SegmentInput:
+    texts: list[str]
+    threshold: float | None = None
+    max_length: int = 0  # characters per sentence; 0: no limit
+    stride: int = 0  # tokens between window starts; 0: DEFAULT_STRIDE
+    return_probabilities: bool = False
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Sentence:
+    text: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SegmentedText:
+    sentences: list[Sentence]
+    probabilities: list[float] | None
+
+
+@dataclass(frozen=True)
+class SegmentOutput:
+    results: list[SegmentedText]
+    threshold: float
+    usage: Usage
+    timing: Timing
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(1.0 / (1.0 + np.exp(-x.astype(np.float32))))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    shifted = np.exp(x - x.max(axis=-1, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=-1, keepdims=True))
+
+
+def windows(length: int, stride: int, size: int = WINDOW) -> list[tuple[int, int]]:
+    """(start, end) token ranges covering [0, length): starts `stride` apart, the last flush with the end."""
+    spans = []
+    for start in range(0, max(length, 1), stride):
+        end = start + size
+        if end >= length:
+            spans.append((max(length - size, 0), length))
+            break
+        spans.append((start, end))
+    return spans
+
+
+def split_points(text: str, char_probs: np.ndarray, threshold: float) -> list[int]:
+    """Sentence ends (exclusive) after each character above the threshold and at each newline, each moved
+    past the whitespace that follows."""
+    cuts = set(np.flatnonzero(char_probs > threshold).tolist())
+    cuts |= {i for i, ch in enumerate(text) if ch == "\n"}
+    ends: list[int] = []
+    for index in sorted(cuts):
+        end = index + 1
+        while end < len(text) and text[end].isspace():
+            end += 1
+        if not ends or end > ends[-1]:
+            ends.append(end)
+    if not ends or ends[-1] != len(text):
+        ends.append(len(text))
+    return ends
+
+
+def limit_length(ends: list[int], char_probs: np.ndarray, max_length: int) -> list[int]:
+    """Split sentences longer than `max_length` characters at their most likely boundary inside the first
+    `max_length` characters (a hard cut when the model sees none), until every piece fits."""
+    if max_length <= 0:
+        return ends
+    limited, start = [], 0
+    for end in ends:
+        while end - start > max_length:
+            inside = char_probs[start : start + max_length - 1]
+            best = int(np.argmax(inside[::-1])) if inside.size and inside.max() > 0 else -1
+            cut = start + max_length if best < 0 else start + len(inside) - best
+            limited.append(cut)
+            start = cut
+        limited.append(end)
+        start = end
+    return limited
+
+
+@dataclass(frozen=True)
+class _Window:
+    ids: list[int]  # <s> tokens </s>
+
+
+class TokenClassificationModel:
+    """Classify and (for SaT models) Segment, from a `token-classification` export."""
+
+    task = "token-classification"
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        settings: BatcherSettings,
+        observer: Observer | None = None,
+        max_chars: int = 20000,
+    ) -> None:
+        info = model.manifest.token_classification
+        if info is None:
+            raise InvalidInput(
+                f"{model.name} is a {model.manifest.task} model, not a token-classification model"
+            )
+        self.model = model
+        self.info = info
+        self.labels = [SAT_LABEL] if info.sat else list(info.labels)
+        self.max_chars = max_chars
+        special = model.manifest.special_tokens
+        self.bos = special.cls_id if special.cls_id is not None else special.bos_id
+        self.eos = special.sep_id if special.sep_id is not None else special.eos_id
+        self.batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
+            model.name, self._run, settings, observer
+        )
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    async def _run(self, rows: list[list[int]]) -> list[np.ndarray]:
+        input_ids, mask = pad_batch(rows, self.model.manifest.special_tokens.pad_id)
+        logits = (await self.model.backend.run({"input_ids": input_ids, "attention_mask": mask}, ["logits"]))[
+            "logits"
+        ]
+        return [logits[i, : len(row)].astype(np.float32) for i, row in enumerate(rows)]
+
+    def _threshold(self, threshold: float | None) -> float:
+        value = threshold if threshold is not None else (self.info.default_threshold or 0.5)
+        if not 0 < value < 1:
+            raise InvalidInput(f"threshold: {value} must be between 0 and 1")
+        return value
+
+    # ------------------------------------------------------------------------------------------ classify
+
+    async def classify(self, request: ClassifyInput) -> ClassifyOutput:
+        check_texts(request.texts, self.max_chars)
+        threshold = self._threshold(request.threshold) if len(self.info.labels) == 1 else 0.5
+        encoded = self.model.tokenizer.encode_batch(request.texts)
+        timed: list[Timed[np.ndarray]] = await asyncio.gather(
+            *(self.batcher.submit(e.ids, len(e), request.deadline) for e in encoded)
+        )
+        results = [
+            self._classified(text, e, t.value, request, threshold)
+            for text, e, t in zip(request.texts, encoded, timed, strict=True)
+        ]
+        return ClassifyOutput(results, self.labels, Usage(sum(len(e) for e in encoded)), Timing.of(timed))
+
+    def _classified(
+        self, text: str, encoded: Encoded, logits: np.ndarray, request: ClassifyInput, threshold: float
+    ) -> ClassifiedText:
+        keep = [i for i, special in enumerate(encoded.special) if not special]
+        logits = logits[keep]
+        offsets = [encoded.offsets[i] for i in keep]
+        if logits.shape[-1] == 1:
+            probs = _sigmoid(logits[:, 0])
+            positive = probs > threshold
+            names = [self.labels[0] if p else "O" for p in positive]
+            token_scores = np.where(positive, probs, 1 - probs)
+            all_probs = probs[:, None]
+        else:
+            all_probs = _softmax(logits)
+            best = all_probs.argmax(-1)
+            names = [self.labels[b] for b in best]
+            token_scores = all_probs[np.arange(len(best)), best]
+        spans = (
+            self._sat_spans(offsets, names, token_scores)
+            if self.info.sat
+            else _entity_spans(offsets, names, token_scores)
+        )
+        tags = names if request.format == "labels" else _tags(len(names), spans, request.format)
+        extra = {"none": None, "logits": logits, "probabilities": all_probs}[request.scores]
+        tokens = [
+            TokenLabel(
+                token=text[start:end],
+                start=start,
+                end=end,
+                label=tag,
+                score=float(score),
+                scores=[] if extra is None else [float(v) for v in extra[i]],
+            )
+            for i, ((start, end), tag, score) in enumerate(zip(offsets, tags, token_scores, strict=True))
+        ]
+        span_list = (
+            []
+            if request.format == "labels"
+            else [
+                Span(
+                    label,
+                    offsets[a][0],
+                    offsets[b][1],
+                    text[offsets[a][0] : offsets[b][1]],
+                    float(np.mean(token_scores[a : b + 1])),
+                )
+                for label, a, b in spans
+            ]
+        )
+        return ClassifiedText(tokens, span_list, encoded.truncated)
+
+    @staticmethod
+    def _sat_spans(
+        offsets: list[tuple[int, int]], names: list[str], scores: np.ndarray
+    ) -> list[tuple[str, int, int]]:
+        """SaT: every token belongs to a sentence; a sentence ends at a positive token."""
+        spans, start = [], 0
+        for index, name in enumerate(names):
+            if name != "O" or index == len(names) - 1:
+                spans.append((SENTENCE, start, index))
+                start = index + 1
+        return spans
+
+    # ------------------------------------------------------------------------------------------- segment
+
+    async def segment(self, request: SegmentInput) -> SegmentOutput:
+        if not self.info.sat:
+            raise InvalidInput(f"model: {self.model.name} is not a SaT segmentation model; use Classify")
+        check_texts(request.texts, self.max_chars)
+        threshold = self._threshold(request.threshold)
+        if request.max_length < 0:
+            raise InvalidInput(f"max_length: {request.max_length} must be >= 0")
+        stride = request.stride or DEFAULT_STRIDE
+        if not 1 <= stride <= WINDOW:
+            raise InvalidInput(f"stride: {stride} must be between 1 and {WINDOW} tokens")
+        encoded = self.model.tokenizer.encode_batch(request.texts, add_special_tokens=False, truncate=False)
+        plans = [windows(len(e), stride) for e in encoded]
+        submitted = [
+            self.batcher.submit([self.bos, *e.ids[a:b], self.eos], b - a + 2, request.deadline)  # type: ignore[list-item]
+            for e, plan in zip(encoded, plans, strict=True)
+            for a, b in plan
+        ]
+        timed = await asyncio.gather(*submitted)
+        results, cursor = [], 0
+        for text, e, plan in zip(request.texts, encoded, plans, strict=True):
+            window_logits = [t.value[1:-1, 0] for t in timed[cursor : cursor + len(plan)]]
+            cursor += len(plan)
+            char_probs = self._char_probabilities(text, e, plan, window_logits)
+            ends = limit_length(split_points(text, char_probs, threshold), char_probs, request.max_length)
+            starts = [0, *ends[:-1]]
+            sentences = [Sentence(text[a:b], a, b) for a, b in zip(starts, ends, strict=True) if b > a]
+            probabilities = [float(p) for p in char_probs] if request.return_probabilities else None
+            results.append(SegmentedText(sentences, probabilities))
+        tokens = sum(b - a + 2 for plan in plans for a, b in plan)
+        return SegmentOutput(results, threshold, Usage(tokens), Timing.of(timed))
+
+    @staticmethod
+    def _char_probabilities(
+        text: str, encoded: Encoded, plan: list[tuple[int, int]], window_logits: list[np.ndarray]
+    ) -> np.ndarray:
+        """Average the windows' logits per token, sigmoid, and place each on the token's last character."""
+        total = np.zeros(len(encoded), dtype=np.float32)
+        counts = np.zeros(len(encoded), dtype=np.float32)
+        for (a, b), logits in zip(plan, window_logits, strict=True):
+            total[a:b] += logits
+            counts[a:b] += 1
+        probs = _sigmoid(total / np.maximum(counts, 1))
+        char_probs = np.zeros(len(text), dtype=np.float32)
+        for (start, end), prob in zip(encoded.offsets, probs, strict=True):
+            if end > start:
+                char_probs[end - 1] = prob
+        return char_probs
+
+
+def _parse(label: str) -> tuple[str, str]:
+    """(prefix, type) of a label: ("B", "PER") for "B-PER", ("", "PER") for "PER", ("O", "") for "O"."""
+    if label == "O":
+        return "O", ""
+    if len(label) > 2 and label[1] in "-_" and label[0] in "BIESL U":
+        return label[0], label[2:]
+    return "", label
+
+
+def _entity_spans(
+    offsets: list[tuple[int, int]], names: list[str], scores: np.ndarray
+) -> list[tuple[str, int, int]]:
+    """Entity spans (type, first token, last token) from per-token labels in any of the usual schemes."""
+    spans: list[tuple[str, int, int]] = []
+    current: tuple[str, int] | None = None
+    for index, name in enumerate(names):
+        prefix, kind = _parse(name)
+        starts_new = prefix in ("B", "S", "U") or current is None or current[0] != kind
+        if current is not None and (prefix == "O" or starts_new):
+            spans.append((current[0], current[1], index - 1))
+            current = None
+        if prefix != "O" and current is None:
+            current = (kind, index)
+        if current is not None and prefix in ("E", "S", "L", "U"):
+            spans.append((current[0], current[1], index))
+            current = None
+    if current is not None:
+        spans.append((current[0], current[1], len(names) - 1))
+    return spans
+
+
+def _tags(count: int, spans: list[tuple[str, int, int]], scheme: Format) -> list[str]:
+    tags = ["O"] * count
+    for kind, first, last in spans:
+        for index in range(first, last + 1):
+            tags[index] = f"I-{kind}"
+        tags[first] = f"B-{kind}"
+        if scheme == "bioes":
+            if first == last:
+                tags[first] = f"S-{kind}"
+            else:
+                tags[last] = f"E-{kind}"
+    return tags
