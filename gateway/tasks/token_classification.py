@@ -248,11 +248,7 @@ class TokenClassificationModel:
             best = all_probs.argmax(-1)
             names = [self.labels[b] for b in best]
             token_scores = all_probs[np.arange(len(best)), best]
-        spans = (
-            self._sat_spans(offsets, names, token_scores)
-            if self.info.sat
-            else _entity_spans(offsets, names, token_scores)
-        )
+        spans = _sentence_spans(names) if self.info.sat else _entity_spans(names)
         tags = names if request.format == "labels" else _tags(len(names), spans, request.format)
         extra = {"none": None, "logits": logits, "probabilities": all_probs}[request.scores]
         tokens = [
@@ -281,18 +277,6 @@ class TokenClassificationModel:
             ]
         )
         return ClassifiedText(tokens, span_list, encoded.truncated)
-
-    @staticmethod
-    def _sat_spans(
-        offsets: list[tuple[int, int]], names: list[str], scores: np.ndarray
-    ) -> list[tuple[str, int, int]]:
-        """SaT: every token belongs to a sentence; a sentence ends at a positive token."""
-        spans, start = [], 0
-        for index, name in enumerate(names):
-            if name != "O" or index == len(names) - 1:
-                spans.append((SENTENCE, start, index))
-                start = index + 1
-        return spans
 
     # ------------------------------------------------------------------------------------------- segment
 
@@ -345,6 +329,16 @@ class TokenClassificationModel:
         return char_probs
 
 
+def _sentence_spans(names: list[str]) -> list[tuple[str, int, int]]:
+    """SaT: every token belongs to a sentence, and a sentence ends at a positive token."""
+    spans, start = [], 0
+    for index, name in enumerate(names):
+        if name != "O" or index == len(names) - 1:
+            spans.append((SENTENCE, start, index))
+            start = index + 1
+    return spans
+
+
 def _parse(label: str) -> tuple[str, str]:
     """(prefix, type) of a label: ("B", "PER") for "B-PER", ("", "PER") for "PER", ("O", "") for "O"."""
     if label == "O":
@@ -354,9 +348,7 @@ def _parse(label: str) -> tuple[str, str]:
     return "", label
 
 
-def _entity_spans(
-    offsets: list[tuple[int, int]], names: list[str], scores: np.ndarray
-) -> list[tuple[str, int, int]]:
+def _entity_spans(names: list[str]) -> list[tuple[str, int, int]]:
     """Entity spans (type, first token, last token) from per-token labels in any of the usual schemes."""
     spans: list[tuple[str, int, int]] = []
     current: tuple[str, int] | None = None

@@ -1,0 +1,172 @@
+"""The translation task against transformers' generate(), through the batcher and ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, M2M100Config, M2M100ForConditionalGeneration
+
+from gateway.backends.onnxruntime import OrtSettings
+from gateway.batcher import BatcherSettings
+from gateway.errors import InvalidInput
+from gateway.export.exporter import ExportOptions, export_model
+from gateway.runtime import load_model
+from gateway.samples import probe_sentences
+from gateway.tasks.translation import DecodingOptions, SamplingOptions, TranslateInput, TranslationModel
+
+ENGLISH = [s.text for s in probe_sentences(per_language=2) if s.lang == "eng_Latn"]
+GERMAN = [s.text for s in probe_sentences(per_language=2) if s.lang == "deu_Latn"]
+
+
+@pytest.fixture(scope="module")
+def varied_nllb(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The demo NLLB architecture with larger random weights: greedy and beam outputs then depend on the
+    input (the demo model repeats one token whatever it reads), so a comparison with generate() can fail."""
+    checkpoint = tmp_path_factory.mktemp("varied") / "nllb"
+    config = M2M100Config.from_pretrained(demo_dir / "nllb-demo")
+    config.update({"init_std": 1.0, "scale_embedding": False})
+    torch.manual_seed(1)
+    M2M100ForConditionalGeneration(config).eval().save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(demo_dir / "nllb-demo").save_pretrained(checkpoint)
+    out = checkpoint.parent / "onnx"
+    export_model(checkpoint, out, ExportOptions(task="translation", variants=("fp32",), enforce_bounds=False))
+    return checkpoint, out
+
+
+@pytest.fixture(scope="module")
+async def translator(varied_nllb: tuple[Path, Path]) -> AsyncIterator[TranslationModel]:
+    settings = BatcherSettings(max_queue_delay_ms=2)
+    model = TranslationModel(load_model("nllb", varied_nllb[1], OrtSettings(), variant="fp32"), settings)
+    model.start()
+    yield model
+    await model.close()
+
+
+def _generate(
+    checkpoint: Path, source: str, texts: list[str], target: str, new_tokens: int, **kwargs: object
+) -> list[list[int]]:
+    """generate() with the forced target-language token, then at most `new_tokens` more; the prefix and the
+    closing </s> (or padding) removed."""
+    tok = AutoTokenizer.from_pretrained(checkpoint, src_lang=source)
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint, use_safetensors=True).eval()
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            forced_bos_token_id=tok.convert_tokens_to_ids(target),
+            max_new_tokens=new_tokens + 1,
+            **kwargs,
+        )
+    rows = []
+    for row in out.tolist():
+        body = row[2:]
+        while body and body[-1] in (tok.pad_token_id, tok.eos_token_id):
+            body = body[:-1]
+        rows.append(body)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("beams", "num_return", "length_penalty", "early_stopping"),
+    [(1, 1, 1.0, False), (4, 1, 1.0, False), (4, 2, 0.6, True), (4, 3, 1.4, False), (2, 2, 1.0, True)],
+)
+async def test_matches_generate(
+    translator: TranslationModel,
+    varied_nllb: tuple[Path, Path],
+    beams: int,
+    num_return: int,
+    length_penalty: float,
+    early_stopping: bool,
+) -> None:
+    outputs = []
+    for source, texts in (("eng_Latn", ENGLISH), ("deu_Latn", GERMAN)):
+        for target, new_tokens in (("fra_Latn", 10), ("jpn_Jpan", 23)):
+            options = DecodingOptions(
+                beam_size=beams, max_new_tokens=new_tokens, num_return=num_return,
+                length_penalty=length_penalty, early_stopping=early_stopping,
+            )  # fmt: skip
+            reply = await translator.translate(TranslateInput(texts, source, target, options))
+            got = [h.token_ids for t in reply.translations for h in t.hypotheses]
+            extra = {"num_beams": beams, "num_return_sequences": num_return, "do_sample": False}
+            if beams > 1:
+                extra |= {"length_penalty": length_penalty, "early_stopping": early_stopping}
+            assert got == _generate(varied_nllb[0], source, texts, target, new_tokens, **extra)
+            outputs.extend(map(tuple, got))
+            assert all(len(h.token_ids) <= new_tokens for t in reply.translations for h in t.hypotheses)
+    assert len(set(outputs)) >= len(outputs) // 2, "outputs barely differ: the comparison could not fail"
+
+
+async def test_targets_batch_together_and_replies_equal_solo_ones(translator: TranslationModel) -> None:
+    requests = [
+        TranslateInput([text], "eng_Latn", target, DecodingOptions(max_new_tokens=8))
+        for text in ENGLISH
+        for target in ("fra_Latn", "deu_Latn", "zho_Hans")
+    ]
+    together = await asyncio.gather(*(translator.translate(r) for r in requests))
+    for request, reply in zip(requests, together, strict=True):
+        alone = await translator.translate(request)
+        assert reply.translations == alone.translations
+
+
+async def test_sampling_is_seeded(translator: TranslationModel) -> None:
+    def request(seed: int) -> TranslateInput:
+        sampling = SamplingOptions(temperature=1.3, top_k=40, top_p=0.95, seed=seed)
+        return TranslateInput(
+            ENGLISH, "en", "fr", DecodingOptions(max_new_tokens=12, sampling=sampling, num_return=3)
+        )
+
+    first, again, other = [await translator.translate(request(seed)) for seed in (7, 7, 8)]
+    assert first.translations == again.translations
+    assert first.translations != other.translations
+    hypotheses = first.translations[0].hypotheses
+    assert len(hypotheses) == 3
+    assert len({tuple(h.token_ids) for h in hypotheses}) > 1
+
+
+async def test_scores_and_usage(translator: TranslationModel) -> None:
+    reply = await translator.translate(
+        TranslateInput(ENGLISH[:1], "en", "de", DecodingOptions(max_new_tokens=5, return_scores=True))
+    )
+    hypothesis = reply.translations[0].hypotheses[0]
+    assert len(hypothesis.token_logprobs) == len(hypothesis.token_ids)
+    assert all(lp <= 0 for lp in hypothesis.token_logprobs)
+    assert reply.source_lang == "eng_Latn"
+    assert reply.target_lang == "deu_Latn"
+    assert reply.usage.output_tokens == len(hypothesis.token_ids)
+
+
+async def test_long_sources_are_truncated_and_flagged(translator: TranslationModel) -> None:
+    long_text = " ".join(ENGLISH * 60)
+    reply = await translator.translate(
+        TranslateInput([long_text, ENGLISH[0]], "en", "fr", DecodingOptions(max_new_tokens=3))
+    )
+    assert [t.truncated for t in reply.translations] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (DecodingOptions(beam_size=17), "beam_size: 17 is outside 1..16"),
+        (DecodingOptions(beam_size=2, num_return=3), "num_return: 3 must be between 1 and beam_size"),
+        (DecodingOptions(max_new_tokens=100000), "max_new_tokens: 100000 exceeds this model's limit"),
+        (DecodingOptions(sampling=SamplingOptions(temperature=0)), "temperature: 0 must be > 0"),
+        (DecodingOptions(sampling=SamplingOptions(top_p=1.5)), r"top_p: 1.5 must be in \(0, 1\]"),
+        (DecodingOptions(beam_size=2, sampling=SamplingOptions()), "cannot be combined with beam_size"),
+    ],
+)
+async def test_bad_options_name_the_field(
+    translator: TranslationModel, options: DecodingOptions, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        await translator.translate(TranslateInput(["Hello"], "en", "fr", options))
+
+
+async def test_bad_languages(translator: TranslationModel) -> None:
+    with pytest.raises(InvalidInput, match="source_lang: unknown language code 'xx'"):
+        await translator.translate(TranslateInput(["Hello"], "xx", "fr"))
+    with pytest.raises(InvalidInput, match="did you mean fra_Latn"):
+        await translator.translate(TranslateInput(["Hello"], "en", "fra_Latm"))
