@@ -109,6 +109,26 @@ class DynamicBatcher(Generic[In, Out]):
             await self._task
             self._task = None
 
+    async def submit_all(
+        self, items: Sequence[tuple[In, int]], deadline: float | None = None
+    ) -> list[Timed[Out]]:
+        """Queue a request's (payload, tokens) items together and wait for all of them."""
+        self.ensure_room(len(items))
+        return list(
+            await asyncio.gather(*(self.submit(payload, tokens, deadline) for payload, tokens in items))
+        )
+
+    def ensure_room(self, count: int) -> None:
+        """Refuse a request of `count` items up front when they cannot all be queued, so that none of them
+        runs for nothing."""
+        if self._closed:
+            raise ModelNotReady(f"model {self.name} is shutting down")
+        if len(self._pending) + count > self.settings.max_queue_size:
+            raise Overloaded(
+                f"model {self.name} has {len(self._pending)} items queued and this request adds {count} "
+                f"(max_queue_size {self.settings.max_queue_size}); retry with backoff"
+            )
+
     async def submit(self, payload: In, tokens: int, deadline: float | None = None) -> Timed[Out]:
         """Queue one item and wait for its result. `deadline` is a time.monotonic() value."""
         if self._closed:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gateway.cli_client import register as register_client_commands
 from gateway.errors import GatewayError
 from gateway.manifest import TASKS, VARIANTS, VariantName
 
@@ -182,6 +183,9 @@ def serve(
         asyncio.run(run_server(settings))
     except GatewayError as exc:
         raise _fail(exc) from exc
+
+
+register_client_commands(app, models_app)
 
 
 def main() -> None:

@@ -5,14 +5,13 @@ Each text is one batcher item; a batch pads its items to the longest and runs th
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Timed
+from gateway.batcher import BatcherSettings, DynamicBatcher, Observer
 from gateway.errors import InvalidInput
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import Timing, Usage
@@ -110,8 +109,8 @@ class EmbeddingModel:
                         "tokens; shorten it or set truncate"
                     )
         output = self._output_name(request.pooling, request.normalize)
-        timed = await asyncio.gather(
-            *(self.batcher.submit(_EmbedItem(e, output), len(e), request.deadline) for e in encoded)
+        timed = await self.batcher.submit_all(
+            [(_EmbedItem(e, output), len(e)) for e in encoded], request.deadline
         )
         return EmbedOutput(
             embeddings=[Embedding(t.value, e.truncated) for t, e in zip(timed, encoded, strict=True)],
@@ -218,9 +217,7 @@ class FillMaskModel:
         if not 1 <= request.top_k <= self.max_top_k:
             raise InvalidInput(f"top_k: {request.top_k} is outside 1..{self.max_top_k}")
         items = self._items(request.texts)
-        timed: list[Timed[tuple[np.ndarray, np.ndarray]]] = await asyncio.gather(
-            *(self.batcher.submit(item, len(item.encoded), request.deadline) for item in items)
-        )
+        timed = await self.batcher.submit_all([(item, len(item.encoded)) for item in items], request.deadline)
         results = [
             self._predictions(text, item, t.value, request.top_k)
             for text, item, t in zip(request.texts, items, timed, strict=True)

@@ -14,13 +14,12 @@ depends on what else is in the batch; ours does not), and every newline in the i
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Timed
+from gateway.batcher import BatcherSettings, DynamicBatcher, Observer
 from gateway.errors import InvalidInput
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import Timing, Usage
@@ -191,8 +190,11 @@ class TokenClassificationModel:
         self.labels = [SAT_LABEL] if info.sat else list(info.labels)
         self.max_chars = max_chars
         special = model.manifest.special_tokens
-        self.bos = special.cls_id if special.cls_id is not None else special.bos_id
-        self.eos = special.sep_id if special.sep_id is not None else special.eos_id
+        bos = special.cls_id if special.cls_id is not None else special.bos_id
+        eos = special.sep_id if special.sep_id is not None else special.eos_id
+        if bos is None or eos is None:
+            raise InvalidInput(f"{model.name}: the tokenizer has no start/end tokens to frame windows with")
+        self.bos, self.eos = bos, eos
         self.batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
             model.name, self._run, settings, observer
         )
@@ -222,9 +224,7 @@ class TokenClassificationModel:
         check_texts(request.texts, self.max_chars)
         threshold = self._threshold(request.threshold) if len(self.info.labels) == 1 else 0.5
         encoded = self.model.tokenizer.encode_batch(request.texts)
-        timed: list[Timed[np.ndarray]] = await asyncio.gather(
-            *(self.batcher.submit(e.ids, len(e), request.deadline) for e in encoded)
-        )
+        timed = await self.batcher.submit_all([(e.ids, len(e)) for e in encoded], request.deadline)
         results = [
             self._classified(text, e, t.value, request, threshold)
             for text, e, t in zip(request.texts, encoded, timed, strict=True)
@@ -292,12 +292,13 @@ class TokenClassificationModel:
             raise InvalidInput(f"stride: {stride} must be between 1 and {WINDOW} tokens")
         encoded = self.model.tokenizer.encode_batch(request.texts, add_special_tokens=False, truncate=False)
         plans = [windows(len(e), stride) for e in encoded]
-        submitted = [
-            self.batcher.submit([self.bos, *e.ids[a:b], self.eos], b - a + 2, request.deadline)  # type: ignore[list-item]
+        bos, eos = self.bos, self.eos
+        windows_ = [
+            ([bos, *e.ids[a:b], eos], b - a + 2)
             for e, plan in zip(encoded, plans, strict=True)
             for a, b in plan
         ]
-        timed = await asyncio.gather(*submitted)
+        timed = await self.batcher.submit_all(windows_, request.deadline)
         results, cursor = [], 0
         for text, e, plan in zip(request.texts, encoded, plans, strict=True):
             window_logits = [t.value[1:-1, 0] for t in timed[cursor : cursor + len(plan)]]

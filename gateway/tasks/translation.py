@@ -8,7 +8,6 @@ short translations do not pay for long ones.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -230,9 +229,7 @@ class TranslationModel:
             truncated.append(len(encoded.ids) > room)
             prefix = (self.info.decoder_start_token_id, target_id)
             items.append(_Item(ids, prefix, limit, request.options, index))
-        timed = await asyncio.gather(
-            *(self.batcher.submit(item, len(item.source), request.deadline) for item in items)
-        )
+        timed = await self.batcher.submit_all([(item, len(item.source)) for item in items], request.deadline)
         translations = []
         output_tokens = 0
         for result, was_cut in zip(timed, truncated, strict=True):

@@ -1,0 +1,180 @@
+"""`pgw translate|segment|classify|embed|fill-mask`, `pgw models list`: call a running gateway and print."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import grpc
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateway.client import PolyglotClient, vectors
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+Server = Annotated[str, typer.Option(help="host:port of the gateway (env PGW_SERVER).")]
+ApiKey = Annotated[str | None, typer.Option(help="API key, when the server asks for one (env PGW_API_KEY).")]
+Model = Annotated[str, typer.Option(help="Model name; default: the server's default for the task.")]
+DEFAULT_SERVER = "localhost:50051"
+
+
+def _call(server: str, api_key: str | None, action: Callable[[PolyglotClient], T]) -> T:
+    """Run one call; a gRPC error prints its status and details and exits 1."""
+    target = os.environ.get("PGW_SERVER", server) if server == DEFAULT_SERVER else server
+    with PolyglotClient(target, api_key or os.environ.get("PGW_API_KEY")) as client:
+        try:
+            return action(client)
+        except grpc.RpcError as exc:
+            err.print(f"[bold red]error:[/] {exc.code().name}: {exc.details()}")
+            raise typer.Exit(code=1) from exc
+
+
+def register(app: typer.Typer, models_app: typer.Typer) -> None:
+    """Add the client commands to the `pgw` app (and `pgw models list`)."""
+
+    @app.command("translate")
+    def translate(
+        texts: Annotated[list[str], typer.Argument(help="Texts to translate.")],
+        to: Annotated[str, typer.Option("--to", help="Target language: FLORES-200 code or ISO 639-1.")],
+        source: Annotated[str, typer.Option("--from", help="Source language.")] = "eng_Latn",
+        beam: Annotated[int, typer.Option(help="Beam size (1: greedy).")] = 1,
+        max_new_tokens: Annotated[int, typer.Option(help="0: the server's limit.")] = 0,
+        model: Model = "",
+        server: Server = DEFAULT_SERVER,
+        api_key: ApiKey = None,
+    ) -> None:
+        """Translate texts."""
+        reply = _call(
+            server,
+            api_key,
+            lambda c: c.translate(
+                texts, to, source_lang=source, beam_size=beam, max_new_tokens=max_new_tokens, model=model
+            ),
+        )
+        for text, translation in zip(texts, reply.translations, strict=True):
+            out.print(f"[dim]{reply.source_lang}:[/] {text}")
+            out.print(f"[bold]{reply.target_lang}:[/] {translation.hypotheses[0].text}")
+        out.print(f"[dim]{reply.model}, {reply.timing.total_ms:.1f} ms[/]")
+
+    @app.command("segment")
+    def segment(
+        texts: Annotated[list[str], typer.Argument(help="Texts to split into sentences.")],
+        threshold: Annotated[float | None, typer.Option(help="Boundary probability threshold.")] = None,
+        max_length: Annotated[int, typer.Option(help="Max characters per sentence (0: none).")] = 0,
+        model: Model = "",
+        server: Server = DEFAULT_SERVER,
+        api_key: ApiKey = None,
+    ) -> None:
+        """Split texts into sentences (one per line, numbered per text)."""
+        reply = _call(
+            server,
+            api_key,
+            lambda c: c.segment(texts, model=model, threshold=threshold, max_length=max_length),
+        )
+        for number, result in enumerate(reply.results, 1):
+            if len(texts) > 1:
+                out.print(f"[bold]text {number}[/]")
+            for index, sentence in enumerate(result.sentences, 1):
+                out.print(f"{index:>3}  {sentence.text.strip()}")
+
+    @app.command("classify")
+    def classify(
+        texts: Annotated[list[str], typer.Argument(help="Texts to label.")],
+        format: Annotated[str, typer.Option(help="labels, bio or bioes.")] = "labels",
+        scores: Annotated[str, typer.Option(help="none, logits or probabilities.")] = "none",
+        model: Model = "",
+        server: Server = DEFAULT_SERVER,
+        api_key: ApiKey = None,
+    ) -> None:
+        """Per-token labels as a table, and the spans they form."""
+        reply = _call(server, api_key, lambda c: c.classify(texts, model=model, format=format, scores=scores))
+        for text, result in zip(texts, reply.results, strict=True):
+            table = Table(title=text if len(text) < 80 else text[:77] + "...")
+            for column in (
+                "token",
+                "start",
+                "end",
+                "label",
+                "score",
+                *(["scores"] if scores != "none" else []),
+            ):
+                table.add_column(column)
+            for token in result.tokens:
+                extra = [" ".join(f"{v:.3f}" for v in token.scores)] if scores != "none" else []
+                table.add_row(
+                    repr(token.token),
+                    str(token.start),
+                    str(token.end),
+                    token.label,
+                    f"{token.score:.3f}",
+                    *extra,
+                )
+            out.print(table)
+            for span in result.spans:
+                out.print(f"  {span.label} [{span.start}:{span.end}] {span.text!r} ({span.score:.3f})")
+
+    @app.command("embed")
+    def embed(
+        texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
+        pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
+        normalize: Annotated[bool, typer.Option(help="L2-normalize the vectors.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the full vectors as JSON.")] = False,
+        model: Model = "",
+        server: Server = DEFAULT_SERVER,
+        api_key: ApiKey = None,
+    ) -> None:
+        """Embed texts; prints dimensions and the first values (or --json)."""
+        reply = _call(
+            server, api_key, lambda c: c.embed(texts, model=model, pooling=pooling, normalize=normalize)
+        )
+        matrix = vectors(reply)
+        if as_json:
+            out.print_json(json.dumps({"model": reply.model, "embeddings": matrix.tolist()}))
+            return
+        for text, row in zip(texts, matrix, strict=True):
+            head = ", ".join(f"{v:.4f}" for v in row[:6])
+            out.print(f"{text[:40]!r}: [{head}, ...] ({reply.dimensions} dims)")
+
+    @app.command("fill-mask")
+    def fill_mask(
+        texts: Annotated[list[str], typer.Argument(help="Texts with mask tokens, e.g. [MASK].")],
+        top_k: Annotated[int, typer.Option(help="Predictions per mask.")] = 5,
+        model: Model = "",
+        server: Server = DEFAULT_SERVER,
+        api_key: ApiKey = None,
+    ) -> None:
+        """Predict the masked tokens."""
+        reply = _call(server, api_key, lambda c: c.fill_mask(texts, model=model, top_k=top_k))
+        for text, result in zip(texts, reply.results, strict=True):
+            out.print(f"[bold]{text}[/]")
+            for mask in result.masks:
+                guesses = ", ".join(f"{p.token} ({p.score:.3f})" for p in mask.predictions)
+                out.print(f"  [{mask.start}:{mask.end}] {guesses}")
+
+    @models_app.command("list")
+    def list_models(server: Server = DEFAULT_SERVER, api_key: ApiKey = None) -> None:
+        """The served models, their variants, devices and accuracy against fp32."""
+        reply = _call(server, api_key, lambda c: c.list_models())
+        table = Table(title=f"models on {server}")
+        for column in ("name", "task", "variant", "backend", "device", "provider", "default"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("accuracy vs fp32")
+        for m in reply.models:
+            figures = ", ".join(f"{x.name}={x.value:.4g}" for x in m.accuracy.metrics)
+            name = m.name + (" (random weights)" if m.random_weights else "")
+            table.add_row(
+                name,
+                m.task,
+                m.variant,
+                m.backend,
+                m.device,
+                m.provider,
+                "yes" if m.is_default else "",
+                figures,
+            )
+        out.print(table)

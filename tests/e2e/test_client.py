@@ -1,0 +1,175 @@
+"""The Python client (sync and async), the CLI client commands, TranslateStream and overload, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from gateway.client import AsyncPolyglotClient, PolyglotClient, translate_request, vectors
+from gateway.config import BatchingConfig, ModelConfig, ServerConfig
+from gateway.server import GatewayServer
+from tests.e2e.conftest import free_port
+
+runner = CliRunner()
+
+
+async def test_sync_client(gateway: GatewayServer) -> None:
+    def calls() -> None:
+        with PolyglotClient(f"127.0.0.1:{gateway.port}") as client:
+            assert client.health() == "SERVING"
+            assert client.health("polyglot.v1.Polyglot/sat-demo") == "SERVING"
+            reply = client.translate("Good morning.", "de", beam_size=2, max_new_tokens=4)
+            assert reply.target_lang == "deu_Latn"
+            assert len(reply.translations[0].hypotheses[0].token_ids) <= 4
+            embeddings = vectors(client.embed(["a", "b"], normalize=True))
+            np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
+            assert client.classify("Hi there. Bye.", format="bio").results[0].tokens
+            assert client.segment("Hi there. Bye.").results[0].sentences
+            assert client.fill_mask("A [MASK] day.", top_k=2).results[0].masks[0].predictions
+            assert len(client.list_models().models) == 4
+            with pytest.raises(grpc.RpcError) as caught:
+                client.translate("Hello", "xx_Yyyy")
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(ValueError, match="format must be one of labels, bio, bioes"):
+                client.classify("x", format="iob")
+
+    await asyncio.to_thread(calls)
+
+
+async def test_async_client_and_translate_stream(gateway: GatewayServer) -> None:
+    async with AsyncPolyglotClient(f"127.0.0.1:{gateway.port}") as client:
+        requests = [
+            translate_request(f"Sentence {i}.", "fra_Latn", max_new_tokens=3, request_id=f"r{i}")
+            for i in range(6)
+        ]
+        requests.append(translate_request("Bad target.", "xx", request_id="bad"))
+        replies = {r.request_id: r async for r in client.translate_stream(requests)}
+        assert set(replies) == {*(f"r{i}" for i in range(6)), "bad"}
+        assert replies["bad"].error.code == "INVALID_ARGUMENT"
+        assert "unknown language code 'xx'" in replies["bad"].error.message
+        for i in range(6):
+            alone = await client.translate(f"Sentence {i}.", "fra_Latn", max_new_tokens=3)
+            assert replies[f"r{i}"].translations == alone.translations
+        reply = await client.embed("x", pooling="cls")
+        assert reply.dimensions > 0
+
+
+async def test_cli_commands(gateway: GatewayServer) -> None:
+    server = f"127.0.0.1:{gateway.port}"
+
+    def invoke(*args: str) -> str:
+        result = runner.invoke(app, [*args, "--server", server])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    output = await asyncio.to_thread(
+        invoke, "translate", "Hello", "--to", "fra_Latn", "--max-new-tokens", "3"
+    )
+    assert "eng_Latn: Hello" in output
+    assert "fra_Latn:" in output
+    table = await asyncio.to_thread(invoke, "classify", "One. Two.", "--format", "bio")
+    assert "┃ label" in table
+    assert "SENTENCE [" in table
+    assert "1  " in (await asyncio.to_thread(invoke, "segment", "One sentence. Another one."))
+    assert "dims" in (await asyncio.to_thread(invoke, "embed", "vector please"))
+    assert "nllb-demo" in (await asyncio.to_thread(invoke, "models", "list"))
+    failed = await asyncio.to_thread(
+        runner.invoke, app, ["translate", "Hi", "--to", "zz", "--server", server]
+    )
+    assert failed.exit_code == 1
+    assert "INVALID_ARGUMENT" in failed.output
+
+
+async def test_full_queue_is_resource_exhausted(exported) -> None:  # type: ignore[no-untyped-def]
+    out, _ = exported("translation")
+    config = ServerConfig.load(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models=(ModelConfig(name="nllb", path=out, variant="fp32"),),
+        batching=BatchingConfig(max_batch_size=1, max_queue_size=2),
+    )
+    server = GatewayServer(config)
+    await server.start()
+    try:
+        async with AsyncPolyglotClient(f"127.0.0.1:{server.port}") as client:
+            too_big = client.translate(["One.", "Two.", "Three."], "fra_Latn", max_new_tokens=2)
+            with pytest.raises(grpc.aio.AioRpcError, match="this request adds 3"):
+                await too_big  # refused whole, before any of its texts runs
+            calls = [
+                client.translate("A text to translate.", "fra_Latn", max_new_tokens=60) for _ in range(8)
+            ]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+            messages = [r.details() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+            assert any("max_queue_size 2" in (m or "") for m in messages)
+            assert any(not isinstance(r, Exception) for r in results), [
+                getattr(r, "details", lambda: r)() for r in results
+            ]
+            reply = await client.translate("Still there?", "fra_Latn", max_new_tokens=2)
+            assert reply.translations
+    finally:
+        await server.stop(grace=1)
+
+
+@pytest.mark.slow
+def test_readme_first_commands_on_a_fresh_cache(tmp_path: Path) -> None:
+    """`pgw serve --demo` builds, exports and serves the demo models; `pgw translate` prints a result."""
+    port = free_port()
+    env = os.environ | {
+        "PGW_DEMO_DIR": str(tmp_path / "demo"),
+        "PGW_PORT": str(port),
+        "PGW_METRICS_PORT": "0",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--demo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read().decode() if server.stdout else ""
+            with PolyglotClient(f"127.0.0.1:{port}", timeout=2) as client:
+                try:
+                    if client.health() == "SERVING":
+                        break
+                except grpc.RpcError:
+                    pass
+            assert time.monotonic() < deadline, "the demo server did not start"
+            time.sleep(1)
+        translate = [
+            "translate",
+            "Hello",
+            "--to",
+            "fra_Latn",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--max-new-tokens",
+            "5",
+        ]
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *translate],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "fra_Latn:" in result.stdout
+        assert (tmp_path / "demo" / "exports" / "nllb-demo" / "manifest.json").is_file()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
