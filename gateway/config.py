@@ -66,7 +66,8 @@ class ServerConfig(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)  # 0 disables the metrics endpoint
     device: Device = "cpu"
-    intra_op_threads: int = Field(0, ge=0)
+    intra_op_threads: int = Field(0, ge=0)  # ONNX Runtime threads per session; 0: one per physical core
+    tensorrt: bool = False  # on cuda, try the TensorRT provider before CUDA
     models: tuple[ModelConfig, ...] = ()
     demo: bool = False  # build, export and serve the demo models
     demo_dir: Path = Path("~/.cache/polyglot-gateway/demo")

@@ -30,6 +30,7 @@ from gateway.pb.polyglot.v1 import polyglot_pb2, polyglot_pb2_grpc
 from gateway.registry import Registry, Served
 from gateway.runtime import LoadedModel, load_model
 from gateway.servicer import PolyglotServicer
+from gateway.tasks.base import TextLimits
 from gateway.tasks.embedding import EmbeddingModel, FillMaskModel
 from gateway.tasks.token_classification import TokenClassificationModel
 from gateway.tasks.translation import TranslationModel
@@ -71,14 +72,17 @@ def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
 def _task_model(loaded: LoadedModel, config: ServerConfig, model: ModelConfig, metrics: Metrics) -> object:
     settings = (model.batching or config.batching).settings()
     observer = metrics.batch_observer(model.name, loaded.variant.name)
+    limits = TextLimits(max_texts=config.limits.max_texts, max_chars=config.limits.max_text_chars)
     task = loaded.manifest.task
     if task == "translation":
-        return TranslationModel(loaded, settings, observer)
+        return TranslationModel(
+            loaded, settings, observer, limits, max_new_tokens=config.limits.max_new_tokens
+        )
     if task == "token-classification":
-        return TokenClassificationModel(loaded, settings, observer)
+        return TokenClassificationModel(loaded, settings, observer, limits)
     if task == "embedding":
-        return EmbeddingModel(loaded, settings, observer, max_chars=config.limits.max_text_chars)
-    return FillMaskModel(loaded, settings, observer, max_chars=config.limits.max_text_chars)
+        return EmbeddingModel(loaded, settings, observer, limits)
+    return FillMaskModel(loaded, settings, observer, limits)
 
 
 def _depth(batcher: DynamicBatcher[Any, Any]) -> int:
@@ -97,7 +101,9 @@ def build_registry(config: ServerConfig, metrics: Metrics) -> Registry:
                 f"model {model.name}: backend {model.backend!r} is not available in this build"
             )
         device = model.device or config.device
-        settings = OrtSettings(device=device, intra_op_threads=config.intra_op_threads)
+        settings = OrtSettings(
+            device=device, intra_op_threads=config.intra_op_threads, tensorrt=config.tensorrt
+        )
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{model.name}")
         loaded = load_model(model.name, model.path, settings, model.variant, executor)
         loaded.tokenizer.observer = metrics.tokenization_seconds.labels(model.name).observe

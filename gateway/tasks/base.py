@@ -7,6 +7,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.batcher import Timed
+from gateway.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """What one request may carry (the server's `limits` settings)."""
+
+    max_texts: int = 256
+    max_chars: int = 20000  # characters per text
+
+    def check(self, texts: Sequence[str]) -> None:
+        """1..max_texts non-empty texts of at most max_chars characters, or InvalidInput naming the text."""
+        if not texts:
+            raise InvalidInput("texts: at least one text is required")
+        if len(texts) > self.max_texts:
+            raise InvalidInput(f"texts: {len(texts)} texts exceed the limit of {self.max_texts} per request")
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidInput(f"texts[{index}]: empty text")
+            if len(text) > self.max_chars:
+                raise InvalidInput(
+                    f"texts[{index}]: {len(text)} characters exceed the limit of {self.max_chars}"
+                )
+
+
+DEFAULT_LIMITS = TextLimits()
 
 
 @dataclass(frozen=True)

@@ -14,24 +14,10 @@ import numpy as np
 from gateway.batcher import BatcherSettings, DynamicBatcher, Observer
 from gateway.errors import InvalidInput
 from gateway.runtime import LoadedModel
-from gateway.tasks.base import Timing, Usage
+from gateway.tasks.base import DEFAULT_LIMITS, TextLimits, Timing, Usage
 from gateway.tokenization import Encoded, pad_batch
 
 Pooling = Literal["mean", "cls"]
-MAX_TEXTS = 256
-
-
-def check_texts(texts: Sequence[str], max_chars: int) -> None:
-    """Requests carry 1..MAX_TEXTS non-empty texts of at most `max_chars` characters."""
-    if not texts:
-        raise InvalidInput("texts: at least one text is required")
-    if len(texts) > MAX_TEXTS:
-        raise InvalidInput(f"texts: {len(texts)} texts exceed the limit of {MAX_TEXTS} per request")
-    for index, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidInput(f"texts[{index}]: empty text")
-        if len(text) > max_chars:
-            raise InvalidInput(f"texts[{index}]: {len(text)} characters exceed the limit of {max_chars}")
 
 
 # --------------------------------------------------------------------------------------------------- embed
@@ -76,7 +62,7 @@ class EmbeddingModel:
         model: LoadedModel,
         settings: BatcherSettings,
         observer: Observer | None = None,
-        max_chars: int = 20000,
+        limits: TextLimits = DEFAULT_LIMITS,
     ) -> None:
         info = model.manifest.embedding
         if info is None:
@@ -84,7 +70,7 @@ class EmbeddingModel:
         self.model = model
         self.dimensions = info.dimensions
         self._outputs = info.outputs
-        self.max_chars = max_chars
+        self.limits = limits
         self.batcher: DynamicBatcher[_EmbedItem, np.ndarray] = DynamicBatcher(
             model.name, self._run, settings, observer
         )
@@ -99,7 +85,7 @@ class EmbeddingModel:
         return self._outputs[f"{pooling}_normalized" if normalize else pooling]
 
     async def embed(self, request: EmbedInput) -> EmbedOutput:
-        check_texts(request.texts, self.max_chars)
+        self.limits.check(request.texts)
         encoded = self.model.tokenizer.encode_batch(request.texts)
         if not request.truncate:
             for index, item in enumerate(encoded):
@@ -177,7 +163,7 @@ class FillMaskModel:
         model: LoadedModel,
         settings: BatcherSettings,
         observer: Observer | None = None,
-        max_chars: int = 20000,
+        limits: TextLimits = DEFAULT_LIMITS,
     ) -> None:
         info, special = model.manifest.fill_mask, model.manifest.special_tokens
         if info is None or special.mask_id is None or special.mask_token is None:
@@ -185,7 +171,7 @@ class FillMaskModel:
         self.model = model
         self.max_top_k = info.max_top_k
         self.mask_id, self.mask_token = special.mask_id, special.mask_token
-        self.max_chars = max_chars
+        self.limits = limits
         self.batcher: DynamicBatcher[_MaskItem, tuple[np.ndarray, np.ndarray]] = DynamicBatcher(
             model.name, self._run, settings, observer
         )
@@ -213,7 +199,7 @@ class FillMaskModel:
         return items
 
     async def fill_mask(self, request: FillMaskInput) -> FillMaskOutput:
-        check_texts(request.texts, self.max_chars)
+        self.limits.check(request.texts)
         if not 1 <= request.top_k <= self.max_top_k:
             raise InvalidInput(f"top_k: {request.top_k} is outside 1..{self.max_top_k}")
         items = self._items(request.texts)

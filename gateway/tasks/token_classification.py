@@ -22,8 +22,7 @@ import numpy as np
 from gateway.batcher import BatcherSettings, DynamicBatcher, Observer
 from gateway.errors import InvalidInput
 from gateway.runtime import LoadedModel
-from gateway.tasks.base import Timing, Usage
-from gateway.tasks.embedding import check_texts
+from gateway.tasks.base import DEFAULT_LIMITS, TextLimits, Timing, Usage
 from gateway.tokenization import Encoded, pad_batch
 
 Format = Literal["labels", "bio", "bioes"]
@@ -178,7 +177,7 @@ class TokenClassificationModel:
         model: LoadedModel,
         settings: BatcherSettings,
         observer: Observer | None = None,
-        max_chars: int = 20000,
+        limits: TextLimits = DEFAULT_LIMITS,
     ) -> None:
         info = model.manifest.token_classification
         if info is None:
@@ -188,7 +187,7 @@ class TokenClassificationModel:
         self.model = model
         self.info = info
         self.labels = [SAT_LABEL] if info.sat else list(info.labels)
-        self.max_chars = max_chars
+        self.limits = limits
         special = model.manifest.special_tokens
         bos = special.cls_id if special.cls_id is not None else special.bos_id
         eos = special.sep_id if special.sep_id is not None else special.eos_id
@@ -221,7 +220,7 @@ class TokenClassificationModel:
     # ------------------------------------------------------------------------------------------ classify
 
     async def classify(self, request: ClassifyInput) -> ClassifyOutput:
-        check_texts(request.texts, self.max_chars)
+        self.limits.check(request.texts)
         threshold = self._threshold(request.threshold) if len(self.info.labels) == 1 else 0.5
         encoded = self.model.tokenizer.encode_batch(request.texts)
         timed = await self.batcher.submit_all([(e.ids, len(e)) for e in encoded], request.deadline)
@@ -283,7 +282,7 @@ class TokenClassificationModel:
     async def segment(self, request: SegmentInput) -> SegmentOutput:
         if not self.info.sat:
             raise InvalidInput(f"model: {self.model.name} is not a SaT segmentation model; use Classify")
-        check_texts(request.texts, self.max_chars)
+        self.limits.check(request.texts)
         threshold = self._threshold(request.threshold)
         if request.max_length < 0:
             raise InvalidInput(f"max_length: {request.max_length} must be >= 0")

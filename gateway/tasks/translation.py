@@ -18,8 +18,7 @@ from gateway.batcher import BatcherSettings, DynamicBatcher, Observer
 from gateway.errors import InvalidInput
 from gateway.languages import resolve_language
 from gateway.runtime import LoadedModel
-from gateway.tasks.base import Timing, Usage
-from gateway.tasks.embedding import check_texts
+from gateway.tasks.base import DEFAULT_LIMITS, TextLimits, Timing, Usage
 from gateway.tokenization import pad_batch
 
 MAX_BEAMS = 16
@@ -164,7 +163,8 @@ class TranslationModel:
         model: LoadedModel,
         settings: BatcherSettings,
         observer: Observer | None = None,
-        max_chars: int = 20000,
+        limits: TextLimits = DEFAULT_LIMITS,
+        max_new_tokens: int | None = None,
     ) -> None:
         info = model.manifest.translation
         special = model.manifest.special_tokens
@@ -174,7 +174,9 @@ class TranslationModel:
         self.info = info
         self.eos = special.eos_id
         self.pad = special.pad_id
-        self.max_chars = max_chars
+        self.limits = limits
+        # The smaller of the export's and the server's caps on generated tokens.
+        self.max_new_tokens = min(info.max_new_tokens, max_new_tokens or info.max_new_tokens)
         self.batcher: DynamicBatcher[_Item, _Decoded] = DynamicBatcher(
             model.name, self._run, settings, observer
         )
@@ -189,11 +191,11 @@ class TranslationModel:
 
     def validate(self, request: TranslateInput) -> tuple[str, str, int]:
         """Normalized source and target codes and the token limit, or InvalidInput naming the field."""
-        check_texts(request.texts, self.max_chars)
+        self.limits.check(request.texts)
         source = resolve_language(request.source_lang, self.info.languages, "source_lang")
         target = resolve_language(request.target_lang, self.info.languages, "target_lang")
         o = request.options
-        cap = self.info.max_new_tokens
+        cap = self.max_new_tokens
         if o.max_new_tokens > cap:
             raise InvalidInput(
                 f"options.max_new_tokens: {o.max_new_tokens} exceeds this model's limit of {cap}"

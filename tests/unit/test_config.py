@@ -1,0 +1,40 @@
+"""Settings: YAML file < PGW_ environment < flags, validated and frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.config import ServerConfig
+from gateway.errors import InvalidInput
+
+
+def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "gateway.yaml"
+    file.write_text(
+        "port: 6000\nmetrics_port: 7000\nbatching: {max_batch_size: 8}\nmodels: [{name: a, path: /x}]\n"
+    )
+    monkeypatch.setenv("PGW_METRICS_PORT", "7100")
+    config = ServerConfig.load(file, port=None, device="cuda")
+    assert config.port == 6000  # file (the flag was not given)
+    assert config.metrics_port == 7100  # environment over file
+    assert config.device == "cuda"  # flag
+    assert config.batching.max_batch_size == 8
+    assert config.models[0].name == "a"
+    assert ServerConfig.load(file, port=6500).port == 6500
+    with pytest.raises(ValidationError):
+        config.port = 1  # type: ignore[misc]
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="does not exist"):
+        ServerConfig.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batching: {max_batch_size: 0}\n")
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        ServerConfig.load(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(InvalidInput, match="mapping"):
+        ServerConfig.load(bad)
