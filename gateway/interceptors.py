@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -97,24 +98,30 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                 "missing or wrong API key: send `authorization: Bearer <key>`",
             )
 
+    @asynccontextmanager
+    async def _guard(self, rpc: str, label: str, context: aio.ServicerContext) -> AsyncIterator[None]:
+        """Request id, API key, per-rpc metrics, and domain errors turned into status codes."""
+        request_id = self._start(context)
+        with self.metrics.request(rpc, label) as outcome:
+            try:
+                await self._authorize(context)
+                yield
+            except aio.AbortError:
+                outcome.code = context.code().name if context.code() else "UNKNOWN"
+                raise
+            except Exception as exc:
+                code = status_of(exc)
+                outcome.code = code.name
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed (request id %s)", rpc, request_id)
+                await context.abort(code, client_message(exc, request_id))
+
     def _unary(self, rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
-            request_id = self._start(context)
-            with self.metrics.request(rpc, self.model_label(rpc, request)) as outcome:
-                try:
-                    await self._authorize(context)
-                    response = await behavior(request, context)
-                    self._count_tokens(rpc, request, response)
-                    return response
-                except aio.AbortError:
-                    outcome.code = context.code().name if context.code() else "UNKNOWN"
-                    raise
-                except Exception as exc:
-                    code = status_of(exc)
-                    outcome.code = code.name
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.exception("%s failed (request id %s)", rpc, request_id)
-                    await context.abort(code, client_message(exc, request_id))
+            async with self._guard(rpc, self.model_label(rpc, request), context):
+                response = await behavior(request, context)
+                self._count_tokens(rpc, request, response)
+            return response
 
         return wrapped
 
@@ -122,21 +129,9 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
-            request_id = self._start(context)
-            with self.metrics.request(rpc, "stream") as outcome:
-                try:
-                    await self._authorize(context)
-                    async for response in behavior(requests, context):
-                        self._count_tokens(rpc, response, response)
-                        yield response
-                except aio.AbortError:
-                    outcome.code = context.code().name if context.code() else "UNKNOWN"
-                    raise
-                except Exception as exc:
-                    code = status_of(exc)
-                    outcome.code = code.name
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.exception("%s failed (request id %s)", rpc, request_id)
-                    await context.abort(code, client_message(exc, request_id))
+            async with self._guard(rpc, "stream", context):
+                async for response in behavior(requests, context):
+                    self._count_tokens(rpc, response, response)
+                    yield response
 
         return wrapped

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from gateway.errors import InvalidInput
 from gateway.runtime import LoadedModel
+from gateway.tasks.base import BatchedTask
 from gateway.tasks.embedding import EmbeddingModel, FillMaskModel
 from gateway.tasks.token_classification import TokenClassificationModel
 from gateway.tasks.translation import TranslationModel
@@ -33,7 +34,7 @@ class Served:
     name: str
     task: str
     loaded: LoadedModel
-    model: Any  # one of TaskModel
+    model: BatchedTask[Any, Any]
     is_default: bool
 
 

@@ -30,7 +30,7 @@ from gateway.pb.polyglot.v1 import polyglot_pb2, polyglot_pb2_grpc
 from gateway.registry import Registry, Served
 from gateway.runtime import LoadedModel, load_model
 from gateway.servicer import PolyglotServicer
-from gateway.tasks.base import TextLimits
+from gateway.tasks.base import BatchedTask, TextLimits
 from gateway.tasks.embedding import EmbeddingModel, FillMaskModel
 from gateway.tasks.token_classification import TokenClassificationModel
 from gateway.tasks.translation import TranslationModel
@@ -69,7 +69,9 @@ def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
     return tuple(ModelConfig(name=name, path=exports / name) for name, _, _ in DEMO_MODELS)
 
 
-def _task_model(loaded: LoadedModel, config: ServerConfig, model: ModelConfig, metrics: Metrics) -> object:
+def _task_model(
+    loaded: LoadedModel, config: ServerConfig, model: ModelConfig, metrics: Metrics
+) -> BatchedTask[Any, Any]:
     settings = (model.batching or config.batching).settings()
     observer = metrics.batch_observer(model.name, loaded.variant.name)
     limits = TextLimits(max_texts=config.limits.max_texts, max_chars=config.limits.max_text_chars)
@@ -118,9 +120,7 @@ def build_registry(config: ServerConfig, metrics: Metrics) -> Registry:
             backend.device,
             backend.provider,
         )
-        batcher: DynamicBatcher[Any, Any] | None = getattr(task_model, "batcher", None)
-        if batcher is not None:
-            metrics.track_queue_depth(model.name, loaded.variant.name, partial(_depth, batcher))
+        metrics.track_queue_depth(model.name, loaded.variant.name, partial(_depth, task_model.batcher))
         log.info(
             "model %s: task %s, variant %s, %s on %s (%s)%s",
             model.name,

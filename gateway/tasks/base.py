@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from gateway.batcher import Timed
+from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Timed
 from gateway.errors import InvalidInput
+from gateway.runtime import LoadedModel
+
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,24 @@ class Timing:
             queue_ms=1000 * max(item.queue_seconds for item in items),
             inference_ms=1000 * max(item.run_seconds for item in items),
         )
+
+
+class BatchedTask(Generic[In, Out]):
+    """What every task model shares: its exported model, request limits, and one batcher over `_run`."""
+
+    def __init__(
+        self, model: LoadedModel, settings: BatcherSettings, observer: Observer | None, limits: TextLimits
+    ) -> None:
+        self.model = model
+        self.limits = limits
+        self.batcher: DynamicBatcher[In, Out] = DynamicBatcher(model.name, self._run, settings, observer)
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    async def _run(self, items: list[In]) -> Sequence[Out]:
+        """Run one batch: one result per item, in order."""
+        raise NotImplementedError

@@ -11,10 +11,10 @@ from typing import Literal
 
 import numpy as np
 
-from gateway.batcher import BatcherSettings, DynamicBatcher, Observer
+from gateway.batcher import BatcherSettings, Observer
 from gateway.errors import InvalidInput
 from gateway.runtime import LoadedModel
-from gateway.tasks.base import DEFAULT_LIMITS, TextLimits, Timing, Usage
+from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
 from gateway.tokenization import Encoded, pad_batch
 
 Pooling = Literal["mean", "cls"]
@@ -52,7 +52,7 @@ class _EmbedItem:
     output: str  # the graph output holding this item's pooling
 
 
-class EmbeddingModel:
+class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
     """Sentence embeddings from an `embedding` export."""
 
     task = "embedding"
@@ -67,19 +67,9 @@ class EmbeddingModel:
         info = model.manifest.embedding
         if info is None:
             raise InvalidInput(f"{model.name} is a {model.manifest.task} model, not an embedding model")
-        self.model = model
         self.dimensions = info.dimensions
         self._outputs = info.outputs
-        self.limits = limits
-        self.batcher: DynamicBatcher[_EmbedItem, np.ndarray] = DynamicBatcher(
-            model.name, self._run, settings, observer
-        )
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    async def close(self) -> None:
-        await self.batcher.close()
+        super().__init__(model, settings, observer, limits)
 
     def _output_name(self, pooling: Pooling, normalize: bool) -> str:
         return self._outputs[f"{pooling}_normalized" if normalize else pooling]
@@ -153,7 +143,7 @@ class _MaskItem:
     positions: list[int]  # token indices of the mask tokens
 
 
-class FillMaskModel:
+class FillMaskModel(BatchedTask[_MaskItem, tuple[np.ndarray, np.ndarray]]):
     """Masked-token prediction from a `fill-mask` export."""
 
     task = "fill-mask"
@@ -168,19 +158,9 @@ class FillMaskModel:
         info, special = model.manifest.fill_mask, model.manifest.special_tokens
         if info is None or special.mask_id is None or special.mask_token is None:
             raise InvalidInput(f"{model.name} is a {model.manifest.task} model, not a fill-mask model")
-        self.model = model
         self.max_top_k = info.max_top_k
         self.mask_id, self.mask_token = special.mask_id, special.mask_token
-        self.limits = limits
-        self.batcher: DynamicBatcher[_MaskItem, tuple[np.ndarray, np.ndarray]] = DynamicBatcher(
-            model.name, self._run, settings, observer
-        )
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    async def close(self) -> None:
-        await self.batcher.close()
+        super().__init__(model, settings, observer, limits)
 
     def _items(self, texts: Sequence[str]) -> list[_MaskItem]:
         items = []

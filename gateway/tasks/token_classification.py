@@ -19,10 +19,10 @@ from typing import Literal
 
 import numpy as np
 
-from gateway.batcher import BatcherSettings, DynamicBatcher, Observer
+from gateway.batcher import BatcherSettings, Observer
 from gateway.errors import InvalidInput
 from gateway.runtime import LoadedModel
-from gateway.tasks.base import DEFAULT_LIMITS, TextLimits, Timing, Usage
+from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
 from gateway.tokenization import Encoded, pad_batch
 
 Format = Literal["labels", "bio", "bioes"]
@@ -162,12 +162,7 @@ def limit_length(ends: list[int], char_probs: np.ndarray, max_length: int) -> li
     return limited
 
 
-@dataclass(frozen=True)
-class _Window:
-    ids: list[int]  # <s> tokens </s>
-
-
-class TokenClassificationModel:
+class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
     """Classify and (for SaT models) Segment, from a `token-classification` export."""
 
     task = "token-classification"
@@ -184,25 +179,15 @@ class TokenClassificationModel:
             raise InvalidInput(
                 f"{model.name} is a {model.manifest.task} model, not a token-classification model"
             )
-        self.model = model
         self.info = info
         self.labels = [SAT_LABEL] if info.sat else list(info.labels)
-        self.limits = limits
         special = model.manifest.special_tokens
         bos = special.cls_id if special.cls_id is not None else special.bos_id
         eos = special.sep_id if special.sep_id is not None else special.eos_id
         if bos is None or eos is None:
             raise InvalidInput(f"{model.name}: the tokenizer has no start/end tokens to frame windows with")
         self.bos, self.eos = bos, eos
-        self.batcher: DynamicBatcher[list[int], np.ndarray] = DynamicBatcher(
-            model.name, self._run, settings, observer
-        )
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    async def close(self) -> None:
-        await self.batcher.close()
+        super().__init__(model, settings, observer, limits)
 
     async def _run(self, rows: list[list[int]]) -> list[np.ndarray]:
         input_ids, mask = pad_batch(rows, self.model.manifest.special_tokens.pad_id)

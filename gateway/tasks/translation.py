@@ -14,11 +14,11 @@ from typing import Literal
 import numpy as np
 
 from gateway.backends.base import Arrays, Backend
-from gateway.batcher import BatcherSettings, DynamicBatcher, Observer
+from gateway.batcher import BatcherSettings, Observer
 from gateway.errors import InvalidInput
 from gateway.languages import resolve_language
 from gateway.runtime import LoadedModel
-from gateway.tasks.base import DEFAULT_LIMITS, TextLimits, Timing, Usage
+from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
 from gateway.tokenization import pad_batch
 
 MAX_BEAMS = 16
@@ -153,7 +153,7 @@ class _Decoder:
             self.mask = self.mask[rows]
 
 
-class TranslationModel:
+class TranslationModel(BatchedTask[_Item, _Decoded]):
     """Translation from a `translation` export (NLLB / M2M100 architecture)."""
 
     task = "translation"
@@ -170,22 +170,12 @@ class TranslationModel:
         special = model.manifest.special_tokens
         if info is None or special.eos_id is None:
             raise InvalidInput(f"{model.name} is a {model.manifest.task} model, not a translation model")
-        self.model = model
         self.info = info
         self.eos = special.eos_id
         self.pad = special.pad_id
-        self.limits = limits
         # The smaller of the export's and the server's caps on generated tokens.
         self.max_new_tokens = min(info.max_new_tokens, max_new_tokens or info.max_new_tokens)
-        self.batcher: DynamicBatcher[_Item, _Decoded] = DynamicBatcher(
-            model.name, self._run, settings, observer
-        )
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    async def close(self) -> None:
-        await self.batcher.close()
+        super().__init__(model, settings, observer, limits)
 
     # ------------------------------------------------------------------------------------------ requests
 
