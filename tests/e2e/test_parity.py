@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -75,3 +76,16 @@ async def test_classify_logits_match_pytorch(stub: Stub, demo_dir: Path) -> None
         for token in result.tokens:
             assert token.token == text[token.start : token.end]
             assert 0 <= token.start < token.end <= len(text)
+
+
+async def test_segment_matches_the_reference_sat(stub: Stub, demo_dir: Path) -> None:
+    from tests.unit.tasks.test_token_classification import reference_segment
+
+    text = " ".join(s.text for s in probe_sentences()) * 3  # several overlapping windows
+    _, probs = reference_segment(demo_dir / "sat-demo", text, 0.5, 64)
+    threshold = float(np.quantile(probs[probs > 0], 0.8))
+    expected, _ = reference_segment(demo_dir / "sat-demo", text, threshold, 64)
+    reply = await stub.Segment(pb.SegmentRequest(texts=[text], threshold=threshold))
+    assert [s.text for s in reply.results[0].sentences] == expected
+    assert len(expected) > 5
+    assert reply.threshold == pytest.approx(threshold)

@@ -88,6 +88,28 @@ ERRORS = [
     ("Embed", pb.EmbedRequest(texts=["x" * 20001]), INVALID, "limit of 20000"),
     ("Embed", pb.EmbedRequest(texts=["x"], pooling=7), INVALID, "pooling"),
     ("FillMask", pb.FillMaskRequest(texts=["no mask"]), INVALID, "mask"),
+    (
+        "Translate",
+        pb.TranslateRequest(texts=["x"], source_lang="en", target_lang="fr_Latn"),
+        INVALID,
+        "fra_Latn",
+    ),
+    (
+        "Translate",
+        pb.TranslateRequest(
+            texts=["x"], source_lang="en", target_lang="fr", options=pb.TranslateOptions(beam_size=99)
+        ),
+        INVALID,
+        "beam_size: 99",
+    ),
+    ("Classify", pb.ClassifyRequest(texts=["x"], threshold=2), INVALID, "threshold: 2"),
+    ("Segment", pb.SegmentRequest(texts=["x"] * 300), INVALID, "limit of 256"),
+    (
+        "Translate",
+        pb.TranslateRequest(texts=["x"], target_lang="fr"),
+        INVALID,
+        "source_lang: a language code is required",
+    ),
 ]
 
 
