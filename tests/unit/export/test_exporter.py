@@ -80,3 +80,12 @@ def test_bounds_are_enforced_with_a_message(demo_dir: Path, tmp_path: Path) -> N
 def test_unknown_variant_is_refused() -> None:
     with pytest.raises(InvalidInput, match="--variants"):
         ExportOptions(task="embedding", variants=("int4",))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("task", ["token-classification", "embedding", "fill-mask"])
+def test_fp16_encoders_get_fused_attention(exported: Exported, task: Task) -> None:
+    """The fusions the GPU speed depends on (attention, embedding LayerNorm) happen on our exported graphs."""
+    _, manifest = exported(task)
+    details = manifest.variants["fp16"].details
+    assert int(details.get("fused_Attention", 0)) > 0, details
+    assert int(details.get("fused_SkipLayerNormalization", 0)) > 0, details
