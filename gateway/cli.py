@@ -163,7 +163,9 @@ def serve(
     from gateway.config import ModelConfig, ServerConfig
     from gateway.server import serve as run_server
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our logs at the asked level; libraries (ONNX Runtime's quantizer talks at INFO) at warnings only.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gateway").setLevel(log_level.upper())
     models = None
     if model:
         pairs = [entry.split("=", 1) for entry in model]

@@ -161,20 +161,17 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         """The served models, their variants, devices and accuracy against fp32."""
         reply = _call(server, api_key, lambda c: c.list_models())
         table = Table(title=f"models on {server}")
-        for column in ("name", "task", "variant", "backend", "device", "provider", "default"):
-            table.add_column(column, no_wrap=True)
-        table.add_column("accuracy vs fp32")
+        for column in ("name", "task", "variant", "runs on", "default"):
+            table.add_column(column, no_wrap=column in ("name", "variant"))
         for m in reply.models:
-            figures = ", ".join(f"{x.name}={x.value:.4g}" for x in m.accuracy.metrics)
-            name = m.name + (" (random weights)" if m.random_weights else "")
+            provider = m.provider.removesuffix("ExecutionProvider")
+            name = m.name + (" *" if m.random_weights else "")
             table.add_row(
-                name,
-                m.task,
-                m.variant,
-                m.backend,
-                m.device,
-                m.provider,
-                "yes" if m.is_default else "",
-                figures,
+                name, m.task, m.variant, f"{m.backend} {m.device} {provider}", "yes" if m.is_default else ""
             )
         out.print(table)
+        if any(m.random_weights for m in reply.models):
+            out.print("* random-weight demo model: its outputs mean nothing")
+        for m in reply.models:
+            figures = ", ".join(f"{x.name}={x.value:.4g}" for x in m.accuracy.metrics)
+            out.print(f"{m.name} {m.variant} vs {m.accuracy.reference}: {figures}")
