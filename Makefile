@@ -2,10 +2,16 @@
 PY ?= python
 PYTEST_ARGS ?=
 
-.PHONY: install protos lint format typecheck test demo
+.PHONY: install install-triton protos lint format typecheck test demo model-repo
 
 install:  ## the package with the export and dev extras (torch CPU: pip install torch first)
 	$(PY) -m pip install -e '.[export,dev]'
+
+# nvidia-pytriton only for the tritonserver it bundles: without its dependencies, which pin protobuf < 7
+# and numpy < 2 (our Python models move tensors through DLPack, which works with NumPy 2).
+install-triton:  ## the triton extra and a local tritonserver 2.51 (CPU; Python backend)
+	$(PY) -m pip install -e '.[triton]'
+	$(PY) -m pip install --no-deps nvidia-pytriton==0.7.0
 
 protos:  ## regenerate gateway/pb/ from protos/ (messages, gRPC stubs, mypy stubs)
 	$(PY) tools/gen_protos.py
@@ -27,3 +33,12 @@ test: lint typecheck
 
 demo:  ## build the tiny demo checkpoints into ./out/models
 	pgw models demo out/models
+
+# The demo models as a Triton repository (Python flavor: what nvidia-pytriton's tritonserver runs). The
+# configs and model.py files are committed (a test checks them against the generator); weights are not.
+model-repo:  ## export the demo models into model_repo/, ready for `pgw triton up`
+	pgw models demo out/models
+	pgw export out/models/sat-demo out/exports/sat-demo --task token-classification --triton model_repo --triton-flavor python
+	pgw export out/models/distilbert-demo out/exports/distilbert-demo --task embedding --triton model_repo --triton-flavor python
+	pgw export out/models/distilbert-demo out/exports/distilbert-demo-fill-mask --task fill-mask --triton model_repo --triton-flavor python
+	pgw export out/models/nllb-demo out/exports/nllb-demo --task translation --triton model_repo --triton-flavor python

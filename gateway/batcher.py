@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from gateway.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, Overloaded
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -30,9 +30,13 @@ class BatcherSettings:
     max_batch_tokens: int = 16384  # padded tokens per batch
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 1024  # items waiting; beyond it requests fail fast with RESOURCE_EXHAUSTED
+    # Batches running at once: 1 for an in-process session (it uses every core already); more for a remote
+    # backend such as Triton, which queues and batches requests itself.
+    max_concurrent_batches: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue_size < 1:
+        sizes = (self.max_batch_size, self.max_batch_tokens, self.max_queue_size, self.max_concurrent_batches)
+        if min(sizes) < 1:
             raise InvalidInput("batcher sizes must be >= 1")
         if self.max_queue_delay_ms < 0:
             raise InvalidInput("max_queue_delay_ms must be >= 0")
@@ -74,7 +78,8 @@ Observer = Callable[[BatchStats], None]
 
 
 class DynamicBatcher(Generic[In, Out]):
-    """Collects items from concurrent callers into batches for `run_batch`, one batch at a time."""
+    """Collects items from concurrent callers into batches for `run_batch`, up to
+    `max_concurrent_batches` batches at a time."""
 
     def __init__(
         self,
@@ -154,15 +159,29 @@ class DynamicBatcher(Generic[In, Out]):
                 future.cancel()
 
     async def _loop(self) -> None:
+        slots = asyncio.Semaphore(self.settings.max_concurrent_batches)
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+
         while not (self._closed and not self._pending):
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await slots.acquire()  # a batch forms only when it can run at once
             await self._wait_for_company()
             batch = self._take_batch()
-            if batch:
-                await self._run(batch)
+            if not batch:
+                slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            running.add(task)
+            task.add_done_callback(finished)
+        if running:
+            await asyncio.gather(*running)
 
     async def _wait_for_company(self) -> None:
         """Wait until the batch is full or the oldest item has waited max_queue_delay_ms."""
@@ -236,7 +255,10 @@ class DynamicBatcher(Generic[In, Out]):
                 raise RuntimeError(f"{self.name}: batch of {len(batch)} returned {len(results)} results")
         except Exception as exc:  # the batch's callers get the error; the loop goes on
             failed = True
-            log.exception("batch of %d failed on %s", len(batch), self.name)
+            if isinstance(exc, GatewayError):  # expected (a backend down, ...): its message says it all
+                log.warning("batch of %d failed on %s: %s", len(batch), self.name, exc)
+            else:
+                log.exception("batch of %d failed on %s", len(batch), self.name)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)

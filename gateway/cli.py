@@ -11,6 +11,17 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from gateway.cli_client import register as register_client_commands
+from gateway.cli_triton import (
+    DelayOption,
+    FlavorOption,
+    InstancesOption,
+    KindOption,
+    MaxBatchOption,
+    NameOption,
+    TensorrtOption,
+    write_triton,
+)
+from gateway.cli_triton import register as register_triton_commands
 from gateway.errors import GatewayError
 from gateway.manifest import TASKS, VARIANTS, VariantName
 
@@ -91,6 +102,16 @@ def export(
         ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Translation: the server's cap on new tokens.")] = 256,
+    triton: Annotated[
+        Path | None, typer.Option(help="Also write Triton model directories into this model repository.")
+    ] = None,
+    triton_flavor: FlavorOption = "onnxruntime",
+    triton_kind: KindOption = "auto",
+    triton_instances: InstancesOption = 1,
+    triton_max_batch_size: MaxBatchOption = 32,
+    triton_delay_us: DelayOption = 2000,
+    triton_tensorrt: TensorrtOption = False,
+    triton_name: NameOption = None,
 ) -> None:
     """Export a checkpoint to ONNX variants with a manifest and an accuracy report per variant."""
     from gateway.export.accuracy import Bounds
@@ -136,6 +157,21 @@ def export(
             str(report.passed) if report and report.bounds else "recorded",
         )
     Console().print(table)
+    if triton is not None:
+        try:
+            write_triton(
+                out_dir,
+                triton,
+                triton_flavor,
+                triton_kind,
+                triton_instances,
+                triton_max_batch_size,
+                triton_delay_us,
+                triton_tensorrt,
+                triton_name,
+            )
+        except GatewayError as exc:
+            raise _fail(exc) from exc
 
 
 @app.command("serve")
@@ -188,6 +224,7 @@ def serve(
 
 
 register_client_commands(app, models_app)
+register_triton_commands(app)
 
 
 def main() -> None:

@@ -31,15 +31,28 @@ class BatchingConfig(_Frozen):
     max_batch_tokens: int = Field(16384, ge=1)
     max_queue_delay_ms: float = Field(5.0, ge=0)
     max_queue_size: int = Field(1024, ge=1)
+    # Batches in flight per model; default 1 in-process, 4 on Triton (which batches across them too).
+    max_concurrent_batches: int | None = Field(None, ge=1)
 
-    def settings(self) -> BatcherSettings:
-        return BatcherSettings(**self.model_dump())
+    def settings(self, remote: bool = False) -> BatcherSettings:
+        values = self.model_dump()
+        if values["max_concurrent_batches"] is None:
+            values["max_concurrent_batches"] = 4 if remote else 1
+        return BatcherSettings(**values)
 
 
 class LimitsConfig(_Frozen):
     max_texts: int = Field(256, ge=1)  # texts per request
     max_text_chars: int = Field(20000, ge=1)  # characters per text
     max_new_tokens: int = Field(256, ge=1)  # translation, per text
+
+
+class TritonConfig(_Frozen):
+    """The Triton servers that models with `backend: triton` run on."""
+
+    endpoints: tuple[str, ...] = ("localhost:8001",)  # gRPC host:port of each; round-robin over ready ones
+    health_interval_s: float = Field(1.0, gt=0)  # how often each endpoint's model readiness is checked
+    timeout_s: float = Field(60.0, gt=0)  # per inference call
 
 
 class ModelConfig(_Frozen):
@@ -52,6 +65,9 @@ class ModelConfig(_Frozen):
     device: Device | None = None  # default: the server's device
     default: bool = False  # the default model of its task
     batching: BatchingConfig | None = None  # default: the server's batching
+    # backend triton: the model's name in Triton; default `<export directory name>-<variant>`, as
+    # `pgw export --triton` names it
+    triton_model: str | None = None
 
 
 class ServerConfig(BaseSettings):
@@ -73,6 +89,7 @@ class ServerConfig(BaseSettings):
     demo_dir: Path = Path("~/.cache/polyglot-gateway/demo")
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
+    triton: TritonConfig = TritonConfig()
     grace_seconds: float = Field(10.0, ge=0)
     api_key: str | None = None  # when set, clients send `authorization: Bearer <key>`
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.errors import InvalidInput
 from gateway.runtime import LoadedModel
@@ -13,6 +13,9 @@ from gateway.tasks.base import BatchedTask
 from gateway.tasks.embedding import EmbeddingModel, FillMaskModel
 from gateway.tasks.token_classification import TokenClassificationModel
 from gateway.tasks.translation import TranslationModel
+
+if TYPE_CHECKING:
+    from gateway.backends.triton import TritonPool
 
 log = logging.getLogger(__name__)
 TaskModel = TranslationModel | TokenClassificationModel | EmbeddingModel | FillMaskModel
@@ -42,6 +45,7 @@ class Registry:
     def __init__(self, served: Iterable[Served] = ()) -> None:
         self._by_name: dict[str, Served] = {}
         self._defaults: dict[str, str] = {}
+        self.triton: TritonPool | None = None  # shared by the models with backend triton
         for entry in served:
             self.add(entry)
 
@@ -90,3 +94,5 @@ class Registry:
         for entry in self._by_name.values():
             await entry.model.close()
             await entry.loaded.close()
+        if self.triton is not None:
+            await self.triton.close()

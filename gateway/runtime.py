@@ -5,12 +5,16 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.backends.base import Backend
 from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
 from gateway.errors import InvalidInput
 from gateway.manifest import MANIFEST_NAME, Manifest, Variant
 from gateway.tokenization import TextTokenizer
+
+if TYPE_CHECKING:
+    from gateway.backends.triton import TritonPool
 
 
 @dataclass
@@ -28,6 +32,14 @@ class LoadedModel:
     def backend(self) -> Backend:
         """The single part of an encoder model."""
         return self.parts["model"]
+
+    @property
+    def ready(self) -> bool:
+        return all(part.ready for part in self.parts.values())
+
+    async def start(self) -> None:
+        for part in self.parts.values():
+            await part.start()
 
     async def close(self) -> None:
         for part in self.parts.values():
@@ -49,6 +61,18 @@ def choose_variant(manifest: Manifest, device: str, requested: str | None = None
     return next(iter(manifest.variants))
 
 
+def read_manifest(directory: Path) -> Manifest:
+    if not (directory / MANIFEST_NAME).is_file():
+        raise InvalidInput(f"{directory} has no {MANIFEST_NAME}: pass a directory written by `pgw export`")
+    return Manifest.read(directory)
+
+
+def _tokenizer(directory: Path, manifest: Manifest) -> TextTokenizer:
+    return TextTokenizer(
+        directory / manifest.tokenizer_file, manifest.special_tokens, manifest.max_input_tokens
+    )
+
+
 def load_model(
     name: str,
     directory: Path,
@@ -57,15 +81,25 @@ def load_model(
     executor: ThreadPoolExecutor | None = None,
 ) -> LoadedModel:
     """Open every ONNX part of the chosen variant with ONNX Runtime."""
-    if not (directory / MANIFEST_NAME).is_file():
-        raise InvalidInput(f"{directory} has no {MANIFEST_NAME}: pass a directory written by `pgw export`")
-    manifest = Manifest.read(directory)
+    manifest = read_manifest(directory)
     chosen = manifest.variants[choose_variant(manifest, settings.device, variant)]
     pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
     parts: dict[str, Backend] = {
         part: OnnxRuntimeBackend(directory / spec.file, settings, pool) for part, spec in chosen.parts.items()
     }
-    tokenizer = TextTokenizer(
-        directory / manifest.tokenizer_file, manifest.special_tokens, manifest.max_input_tokens
-    )
-    return LoadedModel(name, directory, manifest, chosen, parts, tokenizer)
+    return LoadedModel(name, directory, manifest, chosen, parts, _tokenizer(directory, manifest))
+
+
+def load_triton_model(
+    name: str, directory: Path, pool: TritonPool, variant: str | None, triton_model: str | None
+) -> LoadedModel:
+    """A model served by Triton: manifest and tokenizer from the export directory (its ONNX files are not
+    opened here); one remote part, `model` for encoders and `generate` for translation."""
+    from gateway.backends.triton import TritonBackend
+    from gateway.triton.repository import model_name
+
+    manifest = read_manifest(directory)
+    chosen = manifest.variants[choose_variant(manifest, "cpu", variant)]
+    remote = TritonBackend(pool, triton_model or model_name(directory.name, chosen.name))
+    part = "generate" if manifest.task == "translation" else "model"
+    return LoadedModel(name, directory, manifest, chosen, {part: remote}, _tokenizer(directory, manifest))

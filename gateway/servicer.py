@@ -326,7 +326,7 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
             accuracy=accuracy,
             source=f"{manifest.source.name} sha256:{manifest.source.sha256[:16]}",
             random_weights=manifest.source.random_weights,
-            ready=True,
+            ready=entry.loaded.ready,
             is_default=self.registry.is_default(name),
         )
         if manifest.translation is not None:

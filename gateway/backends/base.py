@@ -20,6 +20,15 @@ class Backend(Protocol):
     provider: str  # e.g. "CPUExecutionProvider"
 
     @property
+    def ready(self) -> bool:
+        """Whether `run` can be expected to succeed now (a remote backend's health)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect (remote backends); called once the event loop runs."""
+        ...
+
+    @property
     def inputs(self) -> Sequence[TensorSpec]: ...
 
     @property

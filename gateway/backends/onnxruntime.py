@@ -88,6 +88,13 @@ class OnnxRuntimeBackend:
         return IoBindingRunner(self.session, self.device)
 
     @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    @property
     def inputs(self) -> Sequence[TensorSpec]:
         return self._inputs
 

@@ -26,15 +26,13 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 async def gateway(exported: Exported) -> AsyncIterator[GatewayServer]:
     """fp32 variants, so replies can be compared with PyTorch at 1e-4."""
-    models = tuple(
-        ModelConfig(name=name, path=exported(task)[0], variant="fp32")
-        for name, task in (
-            ("sat-demo", "token-classification"),
-            ("distilbert-demo", "embedding"),
-            ("distilbert-demo-fill-mask", "fill-mask"),
-            ("nllb-demo", "translation"),
-        )
+    served: tuple[tuple[str, Task], ...] = (
+        ("sat-demo", "token-classification"),
+        ("distilbert-demo", "embedding"),
+        ("distilbert-demo-fill-mask", "fill-mask"),
+        ("nllb-demo", "translation"),
     )
+    models = tuple(ModelConfig(name=name, path=exported(task)[0], variant="fp32") for name, task in served)
     config = ServerConfig.load(
         host="127.0.0.1",
         port=0,
