@@ -2,7 +2,7 @@
 PY ?= python
 PYTEST_ARGS ?=
 
-.PHONY: install install-triton protos lint format typecheck test demo model-repo
+.PHONY: install install-triton protos lint format typecheck test demo model-repo bench bench-quick
 
 install:  ## the package with the export and dev extras (torch CPU: pip install torch first)
 	$(PY) -m pip install -e '.[export,dev]'
@@ -42,3 +42,9 @@ model-repo:  ## export the demo models into model_repo/, ready for `pgw triton u
 	pgw export out/models/distilbert-demo out/exports/distilbert-demo --task embedding --triton model_repo --triton-flavor python
 	pgw export out/models/distilbert-demo out/exports/distilbert-demo-fill-mask --task fill-mask --triton model_repo --triton-flavor python
 	pgw export out/models/nllb-demo out/exports/nllb-demo --task translation --triton model_repo --triton-flavor python
+
+bench:  ## the committed CPU benchmark: full-size models, every task x fp32/int8 with baselines (long)
+	pgw bench --size full --seconds 8 --repeats 3
+
+bench-quick:  ## a one-minute smoke run of the benchmark on the tiny demo models
+	pgw bench --quick

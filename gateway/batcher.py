@@ -1,7 +1,9 @@
 """Dynamic batching: a bounded queue, a wake-up event and one future per request item.
 
-One `DynamicBatcher` serves one (model, variant). Items wait at most `max_queue_delay_ms` for company; a
-batch closes earlier when it reaches `max_batch_size` items or `max_batch_tokens` padded tokens (the longest
+One `DynamicBatcher` serves one (model, variant). Items wait at most `max_queue_delay_ms` for company, but
+only when company is likely: an item that reaches an idle batcher (nothing queued, no batch running) runs
+at once, so a lone request never pays the delay, while under concurrent load batches fill up. A batch
+closes earlier when it reaches `max_batch_size` items or `max_batch_tokens` padded tokens (the longest
 item times the item count, which is what the runtime computes on). Waiting items are sorted by length, so
 each batch pads little. Items whose deadline passed or whose caller went away are dropped before they reach
 the model; a batch that raises fails its own items only.
@@ -50,6 +52,7 @@ class _Item(Generic[In, Out]):
     future: asyncio.Future[Timed[Out]] = field(compare=False)
     deadline: float | None = field(compare=False)  # time.monotonic() value
     enqueued_at: float = field(compare=False)
+    alone: bool = field(compare=False, default=False)  # arrived at an idle batcher: runs without waiting
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._arrivals = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._running = 0  # batches in flight
 
     @property
     def queue_depth(self) -> int:
@@ -148,7 +152,8 @@ class DynamicBatcher(Generic[In, Out]):
                 f"an input of {tokens} tokens exceeds max_batch_tokens ({self.settings.max_batch_tokens})"
             )
         future: asyncio.Future[Timed[Out]] = asyncio.get_running_loop().create_future()
-        item = _Item(tokens, next(self._arrivals), payload, future, deadline, time.monotonic())
+        alone = not self._pending and self._running == 0
+        item = _Item(tokens, next(self._arrivals), payload, future, deadline, time.monotonic(), alone)
         self._pending.append(item)
         self._wakeup.set()
         try:
@@ -164,6 +169,7 @@ class DynamicBatcher(Generic[In, Out]):
 
         def finished(task: asyncio.Task[None]) -> None:
             running.discard(task)
+            self._running -= 1
             slots.release()
 
         while not (self._closed and not self._pending):
@@ -177,6 +183,7 @@ class DynamicBatcher(Generic[In, Out]):
             if not batch:
                 slots.release()
                 continue
+            self._running += 1
             task = asyncio.get_running_loop().create_task(self._run(batch))
             running.add(task)
             task.add_done_callback(finished)
@@ -184,9 +191,12 @@ class DynamicBatcher(Generic[In, Out]):
             await asyncio.gather(*running)
 
     async def _wait_for_company(self) -> None:
-        """Wait until the batch is full or the oldest item has waited max_queue_delay_ms."""
-        oldest = min(item.enqueued_at for item in self._pending)
-        close_at = oldest + self.settings.max_queue_delay_ms / 1000
+        """Wait until the batch is full or the oldest item has waited max_queue_delay_ms (not at all when it
+        arrived at an idle batcher)."""
+        oldest = min(self._pending, key=lambda item: item.enqueued_at)
+        if oldest.alone:
+            return
+        close_at = oldest.enqueued_at + self.settings.max_queue_delay_ms / 1000
         while not self._closed and not self._full():
             remaining = close_at - time.monotonic()
             if remaining <= 0:

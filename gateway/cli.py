@@ -225,6 +225,12 @@ def serve(
 
 register_client_commands(app, models_app)
 register_triton_commands(app)
+try:  # `pgw bench` is in bench/, installed with the package from a source checkout
+    from bench.cli import register as register_bench_command
+except ImportError:  # pragma: no cover - a wheel without bench/
+    pass
+else:
+    register_bench_command(app)
 
 
 def main() -> None:

@@ -159,3 +159,31 @@ async def test_close_drains_the_queue() -> None:
     await asyncio.sleep(0)
     await batcher.close()
     assert [t.result() for t in tasks] == [0, 2, 4]
+
+
+async def test_a_lone_item_on_an_idle_batcher_does_not_wait_for_company() -> None:
+    run = Recorder()
+    batcher = _batcher(run, max_batch_size=8, max_queue_delay_ms=30_000)
+    started = time.monotonic()
+    assert await batcher.submit(3, tokens=1) == 6
+    assert time.monotonic() - started < 10  # far below the 30 s delay
+    assert run.batches == [[3]]
+    await batcher.close()
+
+
+async def test_items_that_arrive_while_a_batch_runs_wait_for_company() -> None:
+    hold = asyncio.Event()
+    run = Recorder(hold=hold)
+    batcher = _batcher(run, max_batch_size=3, max_queue_delay_ms=30_000)
+    first = asyncio.ensure_future(batcher.submit(1, tokens=1))
+    await asyncio.sleep(0.05)  # the first batch runs (held)
+    second = asyncio.ensure_future(batcher.submit(2, tokens=1))
+    await asyncio.sleep(0.05)
+    hold.set()
+    assert await first == 2
+    await asyncio.sleep(0.1)
+    assert not second.done(), "an item that arrived with company in flight should wait for more"
+    third = [asyncio.ensure_future(batcher.submit(i, tokens=1)) for i in (3, 4)]
+    assert await asyncio.gather(second, *third) == [4, 6, 8]
+    assert run.batches == [[1], [2, 3, 4]]
+    await batcher.close()

@@ -1,0 +1,205 @@
+"""The engines the gateway is compared with, run model-only on the same token ids in the bench process:
+PyTorch fp32 (the plain transformers model), PyTorch dynamic int8 (`quantize_dynamic` on Linear), ONNX
+Runtime on the exported graph without the gateway, and CTranslate2 (int8, float32) for translation.
+
+Each engine runs a batch and returns what it produced, so agreement can be measured as well as time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
+from gateway.manifest import Manifest
+from gateway.tasks.generation import DecodingOptions, GenerationItem, Generator
+from gateway.tokenization import pad_batch
+
+Batch = list[list[int]]  # token ids with special tokens, one row per text
+
+
+def threads() -> int:
+    return os.cpu_count() or 1
+
+
+def timed(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median seconds of `repeats` runs after one warm-up run, and the last run's output."""
+    output = run()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        output = run()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds), output
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+
+def _torch() -> Any:
+    import torch
+
+    torch.set_num_threads(threads())
+    return torch
+
+
+def _quantized(model: Any) -> Any:
+    torch = _torch()
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+class TorchEncoder:
+    """The transformers model as a FastAPI wrapper would run it (embedding: mean pooling and L2 norm)."""
+
+    def __init__(self, checkpoint: Path, task: str, pad_id: int, int8: bool) -> None:
+        torch = _torch()
+        from transformers import AutoModel, AutoModelForMaskedLM
+
+        from gateway.export.loaders import load_token_classifier, open_checkpoint
+
+        if task == "token-classification":
+            model = load_token_classifier(open_checkpoint(checkpoint))
+        elif task == "fill-mask":
+            model = AutoModelForMaskedLM.from_pretrained(checkpoint, use_safetensors=True)
+        else:
+            model = AutoModel.from_pretrained(checkpoint, use_safetensors=True)
+        self.model = (_quantized(model) if int8 else model).eval()
+        self.task = task
+        self.pad_id = pad_id
+        self.name = f"pytorch-{'int8' if int8 else 'fp32'}"
+        self._torch = torch
+
+    def run(self, batch: Batch) -> np.ndarray:
+        torch = self._torch
+        ids, mask = pad_batch(batch, self.pad_id)
+        with torch.inference_mode():
+            input_ids, attention = torch.from_numpy(ids), torch.from_numpy(mask)
+            out = self.model(input_ids=input_ids, attention_mask=attention)
+            if self.task == "embedding":
+                hidden = out.last_hidden_state
+                weights = attention.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1)
+                return np.asarray(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+            logits = out.logits if hasattr(out, "logits") else out  # SaT's loader returns the logits
+            return np.asarray(logits.numpy())
+
+
+class OrtEncoder:
+    """The exported graph on ONNX Runtime, called directly: the gateway minus tokenization and gRPC."""
+
+    def __init__(self, export_dir: Path, variant: str) -> None:
+        manifest = Manifest.read(export_dir)
+        part = manifest.variants[variant].parts["model"]
+        self.backend = OnnxRuntimeBackend(export_dir / part.file, OrtSettings(), ThreadPoolExecutor(1))
+        self.pad_id = manifest.special_tokens.pad_id
+        self.input_names = [spec.name for spec in part.inputs]
+        self.name = f"onnxruntime-{variant}"
+        embedding = manifest.embedding
+        self.outputs = [embedding.outputs["mean_normalized"]] if embedding else None
+
+    def run(self, batch: Batch) -> np.ndarray:
+        ids, mask = pad_batch(batch, self.pad_id)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if "positions" in self.input_names:  # fill-mask: one position per text, its middle token
+            inputs["positions"] = np.array([[len(row) // 2] for row in batch], dtype=np.int64)
+        out = self.backend.run_sync(inputs, self.outputs)
+        return next(iter(out.values()))
+
+
+# --------------------------------------------------------------------------------------------- translation
+
+
+class TorchTranslator:
+    """transformers `generate()`: greedy, the target language forced, exactly `new_tokens` after it."""
+
+    def __init__(self, checkpoint: Path, int8: bool) -> None:
+        torch = _torch()
+        from transformers import AutoModelForSeq2SeqLM
+
+        model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint, use_safetensors=True)
+        self.model = (_quantized(model) if int8 else model).eval()
+        self.name = f"pytorch-{'int8' if int8 else 'fp32'}"
+        self._torch = torch
+
+    def run(self, batch: Batch, target_id: int, new_tokens: int, pad_id: int) -> list[list[int]]:
+        torch = self._torch
+        ids, mask = pad_batch(batch, pad_id)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                forced_bos_token_id=target_id,
+                max_new_tokens=new_tokens + 1,
+                min_new_tokens=new_tokens + 1,
+                num_beams=1,
+                do_sample=False,
+            )
+        return [row[2:] for row in out.tolist()]  # after the decoder start and the language token
+
+
+class OrtTranslator:
+    """The gateway's decoding loop over the exported parts, in this process: no gRPC, no batcher."""
+
+    def __init__(self, export_dir: Path, variant: str) -> None:
+        manifest = Manifest.read(export_dir)
+        executor = ThreadPoolExecutor(1)
+        parts = {
+            name: OnnxRuntimeBackend(export_dir / spec.file, OrtSettings(), executor)
+            for name, spec in manifest.variants[variant].parts.items()
+        }
+        eos = manifest.special_tokens.eos_id
+        assert eos is not None
+        assert manifest.translation is not None
+        self.generator = Generator(dict(parts), eos, manifest.special_tokens.pad_id)
+        self.start = manifest.translation.decoder_start_token_id
+        self.name = f"onnxruntime-{variant}"
+
+    def run(self, batch: Batch, target_id: int, new_tokens: int, pad_id: int) -> list[list[int]]:
+        items = [
+            GenerationItem(row, (self.start, target_id), new_tokens, DecodingOptions(), i)
+            for i, row in enumerate(batch)
+        ]
+        return [d.tokens[0] for d in asyncio.run(self.generator.generate(items))]
+
+
+def convert_ctranslate2(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint in CTranslate2's format (float32 weights; int8 is chosen when loading)."""
+    if not (out / "model.bin").is_file():
+        from ctranslate2.converters import TransformersConverter
+
+        TransformersConverter(str(checkpoint)).convert(str(out), force=True)
+    return out
+
+
+class CTranslate2Translator:
+    def __init__(
+        self, converted: Path, compute_type: str, vocabulary: Callable[[list[int]], list[str]]
+    ) -> None:
+        import ctranslate2
+
+        self.translator = ctranslate2.Translator(
+            str(converted), device="cpu", compute_type=compute_type, intra_threads=threads()
+        )
+        self.to_tokens = vocabulary
+        self.name = f"ctranslate2-{'int8' if compute_type == 'int8' else 'fp32'}"
+        self._ids: dict[str, int] = {}
+
+    def run(self, batch: Batch, target_id: int, new_tokens: int, pad_id: int) -> list[list[int]]:
+        target = self.to_tokens([target_id])[0]
+        results = self.translator.translate_batch(
+            [self.to_tokens(row) for row in batch],
+            target_prefix=[[target]] * len(batch),
+            beam_size=1,
+            max_decoding_length=new_tokens + 1,
+            min_decoding_length=new_tokens + 1,
+            return_scores=False,
+        )
+        return [r.hypotheses[0][1:] for r in results]  # tokens (strings) after the language token

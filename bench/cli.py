@@ -1,0 +1,91 @@
+"""`pgw bench`: run the suite and write bench/results/<date>-<host>/ (JSON, markdown, PNG)."""
+
+from __future__ import annotations
+
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+def bench(
+    work: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoints and exports (built when missing). Default: a cache dir per --size."),
+    ] = None,
+    size: Annotated[str, typer.Option(help="tiny or full (random weights at the published sizes).")] = "tiny",
+    out: Annotated[
+        Path | None, typer.Option(help="Results directory (default bench/results/<date>-<host>).")
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Models to run (repeatable; default all).")] = None,
+    variants: Annotated[str, typer.Option(help="Comma-separated variants.")] = "fp32,int8",
+    seconds: Annotated[float, typer.Option(help="Seconds per load point.")] = 10.0,
+    concurrency: Annotated[str, typer.Option(help="Closed-loop concurrency sweep.")] = "1,2,4,8",
+    repeats: Annotated[int, typer.Option(help="Baseline timings: median of this many runs.")] = 5,
+    baselines: Annotated[
+        bool, typer.Option(help="Run the baselines (PyTorch, ONNX Runtime, CTranslate2).")
+    ] = True,
+    quick: Annotated[
+        bool, typer.Option(help="Tiny models, short points: a smoke run of every part.")
+    ] = False,
+    triton: Annotated[
+        bool, typer.Option(help="Also run each model on a local tritonserver (pgw triton's, Python flavor).")
+    ] = False,
+    rewrite_report: Annotated[
+        Path | None, typer.Option(help="Only rewrite report.md and plots of this results directory.")
+    ] = None,
+) -> None:
+    """Benchmark the gateway against PyTorch, ONNX Runtime and CTranslate2 on the same inputs."""
+    from bench.suite import MODELS, Settings, run_suite, save
+
+    if rewrite_report is not None:
+        from bench.report import rewrite
+
+        rewrite(rewrite_report)
+        return
+    chosen = tuple(model or MODELS)
+    unknown = [m for m in chosen if m not in MODELS]
+    if unknown or size not in ("tiny", "full"):
+        console.print(f"[bold red]error:[/] models must be among {', '.join(MODELS)}; --size tiny or full")
+        raise typer.Exit(1)
+    if quick:
+        size, seconds, repeats, concurrency = "tiny", 0.6, 2, "1,4"
+    work = work or Path(f"~/.cache/polyglot-gateway/bench-{size}").expanduser()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    out = out or Path("bench/results") / f"{stamp}-{platform.node()}{'-quick' if quick else ''}"
+    settings = Settings(
+        work=work,
+        out=out,
+        models=chosen,
+        variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        seconds=seconds,
+        concurrency=tuple(int(c) for c in concurrency.split(",")),
+        repeats=repeats,
+        warmup=2 if quick else 5,
+        shape_concurrency=(1,) if quick else (1, 2),
+        poisson=(0.5,) if quick else (0.5, 0.8),
+        baselines=baselines,
+        size=size,
+        triton=triton,
+    )
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        bar = progress.add_task("benchmark", total=None)
+
+        def step(description: str, _fraction: float) -> None:
+            progress.update(bar, description=description, advance=1)
+
+        results = run_suite(settings, step)
+    save(results, out)
+    console.print(f"results: {out}/results.json, report.md and plots ({results.meta['seconds']} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

@@ -1,0 +1,535 @@
+"""The benchmark suite: per task and variant, the gateway under load (its own process, over gRPC), then the
+baselines on the same token ids in this process, then the comparisons the README quotes.
+
+Shapes compared with the baselines (model-only for them, end to end for the gateway):
+- encoders: `1x32` (one text of 32 tokens: latency) and `32x128` (32 texts of 128 tokens: throughput);
+- translation: `1x32->32` and `8x32->32` (greedy, 32 source tokens, exactly 32 new tokens).
+Load runs: closed-loop concurrency sweeps on a mixed-length multilingual scenario and Poisson arrivals at
+fractions of the best closed-loop rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import platform
+import random
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench import baselines
+from bench.gateway import GatewayProcess, server_split
+from bench.load import Call, LoadResult, closed_loop, open_loop, warm_up
+from bench.texts import TextMaker
+from gateway import __version__
+from gateway.manifest import Manifest, Task
+from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
+from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
+
+Progress = Callable[[str, float], None]  # description, fraction of the step done
+NEW_TOKENS = 32
+
+# served name -> (demo checkpoint, task)
+MODELS: dict[str, tuple[str, Task]] = {
+    "distilbert-demo": ("distilbert-demo", "embedding"),
+    "sat-demo": ("sat-demo", "token-classification"),
+    "distilbert-demo-fill-mask": ("distilbert-demo", "fill-mask"),
+    "nllb-demo": ("nllb-demo", "translation"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    work: Path  # checkpoints/ and exports/
+    out: Path
+    models: tuple[str, ...] = tuple(MODELS)
+    variants: tuple[str, ...] = ("fp32", "int8")
+    seconds: float = 10.0  # per load point
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    shape_concurrency: tuple[int, ...] = (1, 2)  # the fixed shapes: 1 for latency, 2 to overlap requests
+    poisson: tuple[float, ...] = (0.5, 0.8)  # fractions of the best closed-loop request rate
+    repeats: int = 5  # baseline timings: median of these
+    warmup: int = 5
+    baselines: bool = True
+    size: str = "tiny"
+    triton: bool = False  # also run the gateway with its models on a local tritonserver (Python flavor)
+
+
+@dataclass
+class Results:
+    meta: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)  # gateway load runs
+    shapes: list[dict[str, Any]] = field(default_factory=list)  # gateway and baselines on the fixed shapes
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    agreement: list[dict[str, Any]] = field(default_factory=list)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": baselines.threads(),
+        "python": platform.python_version(),
+        "gateway": __version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for package in ("torch", "transformers", "ctranslate2", "tritonclient"):
+        try:
+            info[package] = __import__(package).__version__
+        except Exception:
+            info[package] = None
+    return info
+
+
+# ------------------------------------------------------------------------------------------ preparation
+
+
+def prepare(settings: Settings, progress: Progress) -> None:
+    """Build the demo checkpoints and exports that are missing (tiny: seconds; full: long)."""
+    missing = [m for m in settings.models if not (settings.work / "exports" / m / "manifest.json").is_file()]
+    if not missing:
+        return
+    from gateway.export.demo import build_demo_models
+    from gateway.export.exporter import ExportOptions, export_model
+
+    checkpoints = settings.work / "checkpoints"
+    sources = sorted({MODELS[m][0] for m in missing if not (checkpoints / MODELS[m][0]).is_dir()})
+    if sources:
+        progress(f"building demo checkpoints ({settings.size})", 0)
+        build_demo_models(checkpoints, settings.size, seed=0, names=sources)  # type: ignore[arg-type]
+    for name in missing:
+        source, task = MODELS[name]
+        progress(f"exporting {name}", 0)
+        export_model(checkpoints / source, settings.work / "exports" / name, ExportOptions(task=task))
+
+
+# ------------------------------------------------------------------------------------------ gateway runs
+
+
+_REQUESTS: dict[str, Any] = {
+    "embedding": pb.EmbedRequest,
+    "token-classification": pb.ClassifyRequest,
+    "fill-mask": pb.FillMaskRequest,
+}
+
+
+def _request_factory(task: Task, name: str, texts: list[str], per_request: int = 1) -> Callable[[int], Any]:
+    """Request i of a scenario: `per_request` texts, cycling through `texts`."""
+
+    def make(index: int) -> Any:
+        start = (index * per_request) % len(texts)
+        chosen = (texts + texts)[start : start + per_request]
+        if task == "translation":
+            return pb.TranslateRequest(
+                texts=chosen,
+                source_lang="eng_Latn",
+                target_lang="fra_Latn",
+                model=name,
+                options=pb.TranslateOptions(max_new_tokens=NEW_TOKENS),
+            )
+        return _REQUESTS[task](texts=chosen, model=name)
+
+    return make
+
+
+class Client:
+    """One channel to the gateway and the rpc of a task."""
+
+    def __init__(self, address: str, task: Task) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        stub = polyglot_pb2_grpc.PolyglotStub(self.channel)
+        self.task = task
+        self.rpc = {
+            "embedding": stub.Embed,
+            "token-classification": stub.Classify,
+            "fill-mask": stub.FillMask,
+            "translation": stub.Translate,
+        }[task]
+
+    def call(self, make: Callable[[int], Any]) -> Call:
+        async def call(index: int) -> tuple[int, int]:
+            reply = await self.rpc(make(index), timeout=600)
+            return len(make(index).texts), int(reply.usage.input_tokens + reply.usage.output_tokens)
+
+        return call
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _fill_mask_texts(texts: list[str], mask: str) -> list[str]:
+    """Each text with its middle word replaced by the mask token."""
+    out = []
+    for text in texts:
+        words = text.split(" ")
+        if len(words) > 2:
+            words[len(words) // 2] = mask
+            out.append(" ".join(words))
+        else:
+            out.append(f"{text} {mask}")
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model variant under test, and what its inputs are made with."""
+
+    name: str
+    task: Task
+    variant: str
+    maker: TextMaker
+    manifest: Manifest
+
+
+async def _gateway_runs(
+    settings: Settings, target: Target, results: Results, progress: Progress, triton: str | None = None
+) -> dict[str, list[list[int]]]:
+    """The load runs of one model variant (in-process, or on Triton at `triton`); returns the token ids it
+    translated (for agreement)."""
+    name, task, variant, maker, manifest = (
+        target.name,
+        target.task,
+        target.variant,
+        target.maker,
+        target.manifest,
+    )
+    export = settings.work / "exports" / name
+    gateway = GatewayProcess(name, export, variant, settings.out / "logs", triton=triton)
+    backend = "triton" if triton else "onnxruntime"
+    progress(f"{name} {variant}: starting the gateway", 0)
+    gateway.start()
+    client = Client(gateway.address, task)
+    produced: dict[str, list[list[int]]] = {}
+
+    async def measure(scenario: str, load: Awaitable[LoadResult]) -> dict[str, Any]:
+        """One load run, with the server's own figures for its duration."""
+        before = gateway.scrape()
+        run = await load
+        row: dict[str, Any] = {"model": name, "task": task, "variant": variant, "backend": backend}
+        row["scenario"] = scenario
+        row.update(run.summary())
+        row.update(server_split(before, gateway.scrape()))
+        results.runs.append(row)
+        return row
+
+    try:
+        mask = manifest.special_tokens.mask_token or ""
+        adapt = (lambda t: _fill_mask_texts(t, mask)) if task == "fill-mask" else (lambda t: t)
+        rng = random.Random(0)
+        if task == "translation":
+            source_tokens = NEW_TOKENS - 2  # the language token and </s> make 32
+            shapes = {"1x32->32": (1, source_tokens), "8x32->32": (8, source_tokens)}
+            mixed = [maker.text(rng.choice((8, 16, 30, 60)), "eng_Latn", offset=i).text for i in range(64)]
+        else:
+            shapes = {"1x32": (1, 30), "32x128": (32, 126)}  # + [CLS]/[SEP] or <s>/</s>
+            mixed = [maker.text(rng.choice((8, 16, 32, 64, 128, 256)), offset=i).text for i in range(256)]
+        # The fixed shapes: one request of N texts at a time, as the baselines run them.
+        for shape, (count, tokens) in shapes.items():
+            lang = "eng_Latn" if task == "translation" else None
+            texts = adapt([t.text for t in maker.texts(count * 4, tokens, lang)])
+            make = _request_factory(task, name, texts, count)
+            if task == "translation":
+                reply = await client.rpc(make(0), timeout=600)
+                produced[shape] = [list(t.hypotheses[0].token_ids) for t in reply.translations]
+            call = client.call(make)
+            progress(f"{name} {variant}: {shape} warm-up", 0)
+            await warm_up(call, settings.warmup)
+            for concurrency in settings.shape_concurrency:
+                progress(f"{name} {variant}: {shape} x{concurrency}", 0)
+                await measure(shape, closed_loop(call, concurrency, seconds=settings.seconds))
+        # Mixed lengths and languages: the concurrency sweep, then Poisson arrivals.
+        call = client.call(_request_factory(task, name, adapt(mixed)))
+        await warm_up(call, settings.warmup)
+        best = 0.0
+        for concurrency in settings.concurrency:
+            progress(f"{name} {variant}: mixed x{concurrency}", 0)
+            row = await measure("mixed", closed_loop(call, concurrency, seconds=settings.seconds))
+            best = max(best, row["requests_per_s"])
+        for fraction in settings.poisson:
+            rate = max(0.2, best * fraction)
+            progress(f"{name} {variant}: Poisson {rate:.1f}/s", 0)
+            row = await measure("mixed", open_loop(call, rate, settings.seconds))
+            row["offered_fraction"] = fraction
+    finally:
+        await client.close()
+        gateway.stop()
+    return produced
+
+
+# ------------------------------------------------------------------------------------------- baselines
+
+
+def _encoder_baselines(
+    settings: Settings,
+    name: str,
+    task: Task,
+    maker: TextMaker,
+    manifest: Manifest,
+    results: Results,
+    progress: Progress,
+) -> None:
+    checkpoint = settings.work / "checkpoints" / MODELS[name][0]
+    tokenizer = maker.tokenizer
+    mask = manifest.special_tokens.mask_token or ""
+    batches = {}
+    for shape, (count, tokens) in {"1x32": (1, 30), "32x128": (32, 126)}.items():
+        texts = [t.text for t in maker.texts(count, tokens)]
+        if task == "fill-mask":
+            texts = _fill_mask_texts(texts, mask)
+        batches[shape] = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
+    engines: list[Callable[[], Any]] = [
+        lambda: baselines.TorchEncoder(checkpoint, task, manifest.special_tokens.pad_id, int8=False),
+        lambda: baselines.TorchEncoder(checkpoint, task, manifest.special_tokens.pad_id, int8=True),
+        *[partial(baselines.OrtEncoder, settings.work / "exports" / name, v) for v in settings.variants],
+    ]
+    for make in engines:
+        engine = make()
+        for shape, batch in batches.items():
+            progress(f"{name}: {engine.name} {shape}", 0)
+            seconds, _ = baselines.timed(partial(engine.run, batch), settings.repeats)
+            results.shapes.append(
+                {
+                    "model": name,
+                    "task": task,
+                    "scenario": shape,
+                    "engine": engine.name,
+                    "seconds": seconds,
+                    "texts_per_s": len(batch) / seconds,
+                    "tokens": sum(len(r) for r in batch),
+                }
+            )
+        del engine
+        gc.collect()
+
+
+def _translation_baselines(
+    settings: Settings,
+    name: str,
+    maker: TextMaker,
+    manifest: Manifest,
+    results: Results,
+    progress: Progress,
+    produced: dict[str, dict[str, list[list[int]]]],
+) -> None:
+    checkpoint = settings.work / "checkpoints" / MODELS[name][0]
+    export = settings.work / "exports" / name
+    info = manifest.translation
+    eos = manifest.special_tokens.eos_id
+    assert info is not None
+    assert eos is not None
+    source_id, target_id = info.language_token_ids["eng_Latn"], info.language_token_ids["fra_Latn"]
+    tokenizer = maker.tokenizer
+    batches = {}
+    for shape, count in (("1x32->32", 1), ("8x32->32", 8)):
+        texts = [t.text for t in maker.texts(count, NEW_TOKENS - 2, "eng_Latn")]
+        batches[shape] = [
+            [source_id, *e.ids, eos] for e in tokenizer.encode_batch(texts, add_special_tokens=False)
+        ]
+    pad = manifest.special_tokens.pad_id
+
+    def to_tokens(ids: list[int]) -> list[str]:
+        return [tokenizer.id_to_token(i) or "<unk>" for i in ids]
+
+    engines: list[Callable[[], Any]] = [
+        lambda: baselines.TorchTranslator(checkpoint, int8=False),
+        lambda: baselines.TorchTranslator(checkpoint, int8=True),
+        *[partial(baselines.OrtTranslator, export, v) for v in settings.variants],
+    ]
+    try:
+        converted = baselines.convert_ctranslate2(checkpoint, settings.work / "ctranslate2" / name)
+        engines += [
+            partial(baselines.CTranslate2Translator, converted, c, to_tokens) for c in ("int8", "float32")
+        ]
+    except ImportError:
+        progress("ctranslate2 is not installed: no CTranslate2 rows", 0)
+    for make in engines:
+        engine = make()
+        for shape, batch in batches.items():
+            progress(f"{name}: {engine.name} {shape}", 0)
+            seconds, out = baselines.timed(
+                partial(engine.run, batch, target_id, NEW_TOKENS, pad), settings.repeats
+            )
+            ids = [[tokenizer.token_to_id(t) if isinstance(t, str) else t for t in row] for row in out]
+            produced.setdefault(engine.name, {})[shape] = [
+                [i for i in row if i != eos][:NEW_TOKENS] for row in ids
+            ]
+            results.shapes.append(
+                {
+                    "model": name,
+                    "task": "translation",
+                    "scenario": shape,
+                    "engine": engine.name,
+                    "seconds": seconds,
+                    "texts_per_s": len(batch) / seconds,
+                    "new_tokens": [len(r) for r in ids],
+                }
+            )
+        del engine
+        gc.collect()
+
+
+def _with_triton(
+    settings: Settings, target: Target, results: Results, progress: Progress
+) -> dict[str, list[list[int]]]:
+    """The same gateway runs with the model on a tritonserver of its own (nvidia-pytriton's, Python flavor:
+    the Triton build available on CPU here)."""
+    from bench.gateway import free_port
+    from gateway.triton.repository import TritonOptions, write_repository
+    from gateway.triton.server import Ports, TritonServer
+
+    name, variant = target.name, target.variant
+    repository = settings.work / "triton-repository" / f"{name}-{variant}"
+    if repository.exists():
+        shutil.rmtree(repository)
+    repository.mkdir(parents=True)
+    write_repository(
+        settings.work / "exports" / name, repository, TritonOptions(flavor="python"), variants=(variant,)
+    )
+    progress(f"{name} {variant}: starting tritonserver", 0)
+    server = TritonServer(
+        repository, settings.out / "logs" / "triton", Ports(free_port(), free_port(), free_port())
+    )
+    server.start()
+    try:
+        server.wait_ready(600)
+        return asyncio.run(
+            _gateway_runs(settings, target, results, progress, f"127.0.0.1:{server.ports.grpc}")
+        )
+    finally:
+        server.stop()
+
+
+def _agreement(reference: list[list[int]], other: list[list[int]]) -> float:
+    same = total = 0
+    for a, b in zip(reference, other, strict=True):
+        total += max(len(a), len(b))
+        same += sum(x == y for x, y in zip(a, b, strict=False))
+    return same / total if total else 1.0
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+
+
+def _compare(results: Results) -> None:
+    """Per model and shape: each gateway run against PyTorch fp32 and the best other engine. Ratios are
+    speed-ups (higher is better): of 1 / p50 latency on the batch-1 shapes, of texts per second on the
+    others."""
+    for row in results.runs:
+        latency = row["scenario"].startswith("1x")
+        if row["scenario"] == "mixed" or (latency and row["level"] != 1):
+            continue
+        peers = [s for s in results.shapes if s["model"] == row["model"] and s["scenario"] == row["scenario"]]
+        if not peers:
+            continue
+        # speed: higher is better
+        if latency:
+            value, mine = row["p50_ms"] / 1000, 1000 / row["p50_ms"]
+            speed = {p["engine"]: 1 / p["seconds"] for p in peers}
+            native = {p["engine"]: p["seconds"] for p in peers}
+        else:
+            value = mine = row["texts_per_s"]
+            speed = native = {p["engine"]: p["texts_per_s"] for p in peers}
+        direct = f"onnxruntime-{row['variant']}"
+        others = {k: v for k, v in speed.items() if not k.startswith("onnxruntime")}
+        best = max(others, key=others.__getitem__) if others else None
+        results.comparisons.append(
+            {
+                "model": row["model"],
+                "scenario": row["scenario"],
+                "variant": row["variant"],
+                "backend": row.get("backend", "onnxruntime"),
+                "metric": "p50 latency (s, lower is better)" if latency else "texts/s (higher is better)",
+                "concurrency": row["level"],
+                "gateway": value,
+                "pytorch_fp32": native.get("pytorch-fp32"),
+                "speedup_vs_pytorch_fp32": mine / speed["pytorch-fp32"] if "pytorch-fp32" in speed else None,
+                "best_other": best,
+                "speedup_vs_best_other": mine / others[best] if best else None,
+                "onnxruntime_direct": native.get(direct),
+                "gateway_vs_onnxruntime_direct": mine / speed[direct] if direct in speed else None,
+            }
+        )
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def run_suite(settings: Settings, progress: Progress) -> Results:
+    started = time.monotonic()
+    prepare(settings, progress)
+    results = Results(
+        meta={
+            "machine": machine(),
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
+        }
+    )
+    for name in settings.models:
+        _, task = MODELS[name]
+        export = settings.work / "exports" / name
+        manifest = Manifest.read(export)
+        maker = TextMaker(export / manifest.tokenizer_file)
+        produced: dict[str, dict[str, list[list[int]]]] = {}
+        for variant in settings.variants:
+            target = Target(name, task, variant, maker, manifest)
+            produced[f"gateway-{variant}"] = asyncio.run(_gateway_runs(settings, target, results, progress))
+            if settings.triton:
+                produced[f"gateway-triton-{variant}"] = _with_triton(settings, target, results, progress)
+        if settings.baselines:
+            if task == "translation":
+                _translation_baselines(settings, name, maker, manifest, results, progress, produced)
+            else:
+                _encoder_baselines(settings, name, task, maker, manifest, results, progress)
+        if task == "translation" and "pytorch-fp32" in produced:
+            reference = produced["pytorch-fp32"]
+            for engine, outputs in produced.items():
+                for shape, rows in outputs.items():
+                    results.agreement.append(
+                        {
+                            "model": name,
+                            "scenario": shape,
+                            "engine": engine,
+                            "reference": "pytorch-fp32",
+                            "token_agreement": _agreement(reference[shape], rows),
+                            "new_tokens": [len(r) for r in rows],
+                        }
+                    )
+        # Written after every model, so that a long run that stops keeps what it measured.
+        results.meta["seconds"] = round(time.monotonic() - started, 1)
+        save(results, settings.out)
+    return results
+
+
+def save(results: Results, out: Path) -> None:
+    results.comparisons = []
+    _compare(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results.__dict__, indent=1), encoding="utf-8")
+    from bench.report import write_markdown, write_plots
+
+    write_markdown(results, out / "report.md")
+    write_plots(results, out)
+
+
+def clean(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
