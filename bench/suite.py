@@ -407,7 +407,7 @@ def _with_triton(
     )
     progress(f"{name} {variant}: starting tritonserver", 0)
     server = TritonServer(
-        repository, settings.out / "logs" / "triton", Ports(free_port(), free_port(), free_port())
+        repository, settings.work / "triton-state", Ports(free_port(), free_port(), free_port())
     )
     server.start()
     try:

@@ -35,6 +35,9 @@ class BatcherSettings:
     # Batches running at once: 1 for an in-process session (it uses every core already); more for a remote
     # backend such as Triton, which queues and batches requests itself.
     max_concurrent_batches: int = 1
+    # Padded tokens may be at most this many times the real tokens of a batch (0: no limit). On a CPU the
+    # padding of mixed lengths costs more than batching gains: items too far in length run apart.
+    max_padding_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         sizes = (self.max_batch_size, self.max_batch_tokens, self.max_queue_size, self.max_concurrent_batches)
@@ -42,6 +45,8 @@ class BatcherSettings:
             raise InvalidInput("batcher sizes must be >= 1")
         if self.max_queue_delay_ms < 0:
             raise InvalidInput("max_queue_delay_ms must be >= 0")
+        if self.max_padding_ratio != 0 and self.max_padding_ratio < 1:
+            raise InvalidInput("max_padding_ratio must be 0 (no limit) or >= 1")
 
 
 @dataclass(order=True)
@@ -232,7 +237,8 @@ class DynamicBatcher(Generic[In, Out]):
         ordered = sorted(live)
         start = ordered.index(oldest)
         low = high = start  # grow a window of similar lengths around the oldest item
-        longest = oldest.tokens
+        longest = real = oldest.tokens
+        ratio = self.settings.max_padding_ratio
         while high - low + 1 < self.settings.max_batch_size:
             below = ordered[low - 1] if low > 0 else None
             above = ordered[high + 1] if high + 1 < len(ordered) else None
@@ -243,9 +249,13 @@ class DynamicBatcher(Generic[In, Out]):
             )
             candidate = above if take_above else below
             assert candidate is not None
-            if max(longest, candidate.tokens) * (high - low + 2) > self.settings.max_batch_tokens:
+            padded = max(longest, candidate.tokens) * (high - low + 2)
+            if padded > self.settings.max_batch_tokens:
                 break
+            if ratio and padded > ratio * (real + candidate.tokens):
+                break  # the closest remaining length already pads too much: farther ones would pad more
             longest = max(longest, candidate.tokens)
+            real += candidate.tokens
             if take_above:
                 high += 1
             else:

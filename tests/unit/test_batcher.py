@@ -187,3 +187,15 @@ async def test_items_that_arrive_while_a_batch_runs_wait_for_company() -> None:
     assert await asyncio.gather(second, *third) == [4, 6, 8]
     assert run.batches == [[1], [2, 3, 4]]
     await batcher.close()
+
+
+async def test_padding_ratio_keeps_far_lengths_apart() -> None:
+    run = Recorder()
+    batcher = _batcher(run, max_batch_size=8, max_queue_delay_ms=50, max_padding_ratio=1.5)
+    results = await asyncio.gather(
+        batcher.submit(1, tokens=10), batcher.submit(2, tokens=12), batcher.submit(3, tokens=100)
+    )
+    assert results == [2, 4, 6]
+    # together: 3 x 100 padded tokens for 122 real ones; apart: 2 x 12 for 22, and 100 for 100
+    assert sorted(sorted(b) for b in run.batches) == [[1, 2], [3]]
+    await batcher.close()
