@@ -190,7 +190,6 @@ class CTranslate2Translator:
         )
         self.to_tokens = vocabulary
         self.name = f"ctranslate2-{'int8' if compute_type == 'int8' else 'fp32'}"
-        self._ids: dict[str, int] = {}
 
     def run(self, batch: Batch, target_id: int, new_tokens: int, pad_id: int) -> list[list[int]]:
         target = self.to_tokens([target_id])[0]

@@ -79,7 +79,7 @@ def bench(
     ) as progress:
         bar = progress.add_task("benchmark", total=None)
 
-        def step(description: str, _fraction: float) -> None:
+        def step(description: str) -> None:
             progress.update(bar, description=description, advance=1)
 
         results = run_suite(settings, step)

@@ -17,7 +17,6 @@ import numpy as np
 
 # One call: sends request number `i` and returns (texts, tokens) it carried, or raises an RpcError.
 Call = Callable[[int], Awaitable[tuple[int, int]]]
-Tick = Callable[[], None]
 
 
 @dataclass
@@ -55,15 +54,13 @@ class LoadResult:
         }
 
 
-async def _one(call: Call, index: int, samples: list[Sample], tick: Tick | None) -> None:
+async def _one(call: Call, index: int, samples: list[Sample]) -> None:
     started = time.perf_counter()
     try:
         texts, tokens = await call(index)
         samples.append(Sample(started, time.perf_counter() - started, "OK", texts, tokens))
     except grpc.aio.AioRpcError as error:
         samples.append(Sample(started, time.perf_counter() - started, error.code().name))
-    if tick is not None:
-        tick()
 
 
 async def warm_up(call: Call, requests: int, concurrency: int = 1) -> None:
@@ -76,7 +73,6 @@ async def closed_loop(
     concurrency: int,
     seconds: float | None = None,
     requests: int | None = None,
-    tick: Tick | None = None,
 ) -> LoadResult:
     """`concurrency` callers, each sending its next request when the last one returns, until `seconds`
     passed or `requests` were sent."""
@@ -92,15 +88,13 @@ async def closed_loop(
             index = next(counter)
             if requests is not None and index >= requests:
                 return
-            await _one(call, index, samples, tick)
+            await _one(call, index, samples)
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return LoadResult("closed", concurrency, time.perf_counter() - start, samples)
 
 
-async def open_loop(
-    call: Call, rate: float, seconds: float, seed: int = 0, tick: Tick | None = None
-) -> LoadResult:
+async def open_loop(call: Call, rate: float, seconds: float, seed: int = 0) -> LoadResult:
     """Requests at Poisson arrivals of `rate` per second for `seconds`, whatever the replies do: latency
     includes the time a request waits behind earlier ones, as users see it."""
     rng = random.Random(seed)
@@ -116,7 +110,7 @@ async def open_loop(
         delay = next_at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        pending.append(asyncio.create_task(_one(call, index, samples, tick)))
+        pending.append(asyncio.create_task(_one(call, index, samples)))
         index += 1
     await asyncio.gather(*pending)
     return LoadResult("open", rate, time.perf_counter() - start, samples)

@@ -35,7 +35,7 @@ from gateway.manifest import Manifest, Task
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
 
-Progress = Callable[[str, float], None]  # description, fraction of the step done
+Progress = Callable[[str], None]  # what the suite is doing now
 NEW_TOKENS = 32
 
 # served name -> (demo checkpoint, task)
@@ -115,11 +115,11 @@ def prepare(settings: Settings, progress: Progress) -> None:
     checkpoints = settings.work / "checkpoints"
     sources = sorted({MODELS[m][0] for m in missing if not (checkpoints / MODELS[m][0]).is_dir()})
     if sources:
-        progress(f"building demo checkpoints ({settings.size})", 0)
+        progress(f"building demo checkpoints ({settings.size})")
         build_demo_models(checkpoints, settings.size, seed=0, names=sources)  # type: ignore[arg-type]
     for name in missing:
         source, task = MODELS[name]
-        progress(f"exporting {name}", 0)
+        progress(f"exporting {name}")
         export_model(checkpoints / source, settings.work / "exports" / name, ExportOptions(task=task))
 
 
@@ -137,8 +137,8 @@ def _request_factory(task: Task, name: str, texts: list[str], per_request: int =
     """Request i of a scenario: `per_request` texts, cycling through `texts`."""
 
     def make(index: int) -> Any:
-        start = (index * per_request) % len(texts)
-        chosen = (texts + texts)[start : start + per_request]
+        start = index * per_request
+        chosen = [texts[(start + k) % len(texts)] for k in range(per_request)]
         if task == "translation":
             return pb.TranslateRequest(
                 texts=chosen,
@@ -168,8 +168,9 @@ class Client:
 
     def call(self, make: Callable[[int], Any]) -> Call:
         async def call(index: int) -> tuple[int, int]:
-            reply = await self.rpc(make(index), timeout=600)
-            return len(make(index).texts), int(reply.usage.input_tokens + reply.usage.output_tokens)
+            request = make(index)
+            reply = await self.rpc(request, timeout=600)
+            return len(request.texts), int(reply.usage.input_tokens + reply.usage.output_tokens)
 
         return call
 
@@ -216,7 +217,7 @@ async def _gateway_runs(
     export = settings.work / "exports" / name
     gateway = GatewayProcess(name, export, variant, settings.out / "logs", triton=triton)
     backend = "triton" if triton else "onnxruntime"
-    progress(f"{name} {variant}: starting the gateway", 0)
+    progress(f"{name} {variant}: starting the gateway")
     gateway.start()
     client = Client(gateway.address, task)
     produced: dict[str, list[list[int]]] = {}
@@ -252,22 +253,22 @@ async def _gateway_runs(
                 reply = await client.rpc(make(0), timeout=600)
                 produced[shape] = [list(t.hypotheses[0].token_ids) for t in reply.translations]
             call = client.call(make)
-            progress(f"{name} {variant}: {shape} warm-up", 0)
+            progress(f"{name} {variant}: {shape} warm-up")
             await warm_up(call, settings.warmup)
             for concurrency in settings.shape_concurrency:
-                progress(f"{name} {variant}: {shape} x{concurrency}", 0)
+                progress(f"{name} {variant}: {shape} x{concurrency}")
                 await measure(shape, closed_loop(call, concurrency, seconds=settings.seconds))
         # Mixed lengths and languages: the concurrency sweep, then Poisson arrivals.
         call = client.call(_request_factory(task, name, adapt(mixed)))
         await warm_up(call, settings.warmup)
         best = 0.0
         for concurrency in settings.concurrency:
-            progress(f"{name} {variant}: mixed x{concurrency}", 0)
+            progress(f"{name} {variant}: mixed x{concurrency}")
             row = await measure("mixed", closed_loop(call, concurrency, seconds=settings.seconds))
             best = max(best, row["requests_per_s"])
         for fraction in settings.poisson:
             rate = max(0.2, best * fraction)
-            progress(f"{name} {variant}: Poisson {rate:.1f}/s", 0)
+            progress(f"{name} {variant}: Poisson {rate:.1f}/s")
             row = await measure("mixed", open_loop(call, rate, settings.seconds))
             row["offered_fraction"] = fraction
     finally:
@@ -305,7 +306,7 @@ def _encoder_baselines(
     for make in engines:
         engine = make()
         for shape, batch in batches.items():
-            progress(f"{name}: {engine.name} {shape}", 0)
+            progress(f"{name}: {engine.name} {shape}")
             seconds, _ = baselines.timed(partial(engine.run, batch), settings.repeats)
             results.shapes.append(
                 {
@@ -361,11 +362,11 @@ def _translation_baselines(
             partial(baselines.CTranslate2Translator, converted, c, to_tokens) for c in ("int8", "float32")
         ]
     except ImportError:
-        progress("ctranslate2 is not installed: no CTranslate2 rows", 0)
+        progress("ctranslate2 is not installed: no CTranslate2 rows")
     for make in engines:
         engine = make()
         for shape, batch in batches.items():
-            progress(f"{name}: {engine.name} {shape}", 0)
+            progress(f"{name}: {engine.name} {shape}")
             seconds, out = baselines.timed(
                 partial(engine.run, batch, target_id, NEW_TOKENS, pad), settings.repeats
             )
@@ -405,7 +406,7 @@ def _with_triton(
     write_repository(
         settings.work / "exports" / name, repository, TritonOptions(flavor="python"), variants=(variant,)
     )
-    progress(f"{name} {variant}: starting tritonserver", 0)
+    progress(f"{name} {variant}: starting tritonserver")
     server = TritonServer(
         repository, settings.work / "triton-state", Ports(free_port(), free_port(), free_port())
     )
@@ -528,8 +529,3 @@ def save(results: Results, out: Path) -> None:
 
     write_markdown(results, out / "report.md")
     write_plots(results, out)
-
-
-def clean(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)

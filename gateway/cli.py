@@ -19,9 +19,9 @@ from gateway.cli_triton import (
     MaxBatchOption,
     NameOption,
     TensorrtOption,
-    write_triton,
 )
 from gateway.cli_triton import register as register_triton_commands
+from gateway.cli_triton import repo as write_triton_repo
 from gateway.errors import GatewayError
 from gateway.manifest import TASKS, VARIANTS, VariantName
 
@@ -158,20 +158,17 @@ def export(
         )
     Console().print(table)
     if triton is not None:
-        try:
-            write_triton(
-                out_dir,
-                triton,
-                triton_flavor,
-                triton_kind,
-                triton_instances,
-                triton_max_batch_size,
-                triton_delay_us,
-                triton_tensorrt,
-                triton_name,
-            )
-        except GatewayError as exc:
-            raise _fail(exc) from exc
+        write_triton_repo(
+            out_dir,
+            triton,
+            flavor=triton_flavor,
+            kind=triton_kind,
+            instances=triton_instances,
+            max_batch_size=triton_max_batch_size,
+            delay_us=triton_delay_us,
+            tensorrt=triton_tensorrt,
+            name=triton_name,
+        )
 
 
 @app.command("serve")

@@ -52,32 +52,6 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-def write_triton(
-    export_dir: Path,
-    repository: Path,
-    flavor: str,
-    kind: str,
-    instances: int,
-    max_batch_size: int,
-    delay_us: int,
-    tensorrt: bool,
-    name: str | None,
-    variants: tuple[str, ...] | None = None,
-) -> None:
-    from gateway.triton.repository import Flavor, Kind, TritonOptions, write_repository
-
-    options = TritonOptions(
-        flavor=cast(Flavor, flavor),
-        kind=cast(Kind, kind),
-        instances=instances,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=delay_us,
-        tensorrt=tensorrt,
-    )
-    for directory in write_repository(export_dir, repository, options, name, variants):
-        console.print(f"triton model {directory.name}: {directory}")
-
-
 @triton_app.command("repo")
 def repo(
     export_dir: Annotated[Path, typer.Argument(help="A directory written by `pgw export`.")],
@@ -94,11 +68,20 @@ def repo(
     name: NameOption = None,
 ) -> None:
     """Write Triton model directories (config.pbtxt and the ONNX files) for an existing export."""
+    from gateway.triton.repository import Flavor, Kind, TritonOptions, write_repository
+
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
     try:
-        write_triton(
-            export_dir, repository, flavor, kind, instances, max_batch_size, delay_us, tensorrt, name, chosen
+        options = TritonOptions(
+            flavor=cast(Flavor, flavor),
+            kind=cast(Kind, kind),
+            instances=instances,
+            max_batch_size=max_batch_size,
+            max_queue_delay_us=delay_us,
+            tensorrt=tensorrt,
         )
+        for directory in write_repository(export_dir, repository, options, name, chosen):
+            console.print(f"triton model {directory.name}: {directory}")
     except GatewayError as exc:
         raise _fail(exc) from exc
 

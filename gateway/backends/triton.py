@@ -264,7 +264,10 @@ class TritonBackend:
         requests = []
         for name, datatype in info.datatypes.items():
             if name not in inputs:
-                raise TritonError(f"triton model {self.model} wants input {name!r}, which the gateway lacks")
+                raise TritonError(
+                    f"triton model {self.model} wants input {name!r}, which this export does not make: the "
+                    "Triton model comes from another export; rewrite it with `pgw triton repo` from this one"
+                )
             value = np.ascontiguousarray(inputs[name], dtype=triton_to_np_dtype(datatype))
             tensor = InferInput(name, list(value.shape), datatype)
             tensor.set_data_from_numpy(value)

@@ -99,9 +99,14 @@ def _kind(variant: Variant, options: TritonOptions) -> Literal["cpu", "gpu"]:
     return "gpu" if variant.name == "fp16" else "cpu"
 
 
+def _python_backend(manifest: Manifest, options: TritonOptions) -> bool:
+    """Translation always runs on the Python backend (its decoding loop is ours); encoders in that flavor."""
+    return options.flavor == "python" or manifest.task == "translation"
+
+
 def render_config(name: str, manifest: Manifest, variant: Variant, options: TritonOptions) -> str:
     """The `config.pbtxt` of one variant (text format of Triton's ModelConfig)."""
-    python = options.flavor == "python" or manifest.task == "translation"
+    python = _python_backend(manifest, options)
     kind = _kind(variant, options)
     lines = [f'name: "{name}"']
     lines.append('backend: "python"' if python else 'platform: "onnxruntime_onnx"')
@@ -201,14 +206,13 @@ def write_repository(
             shutil.rmtree(target)
         version = target / VERSION
         version.mkdir(parents=True)
-        python = options.flavor == "python" or manifest.task == "translation"
         # The variant's directory holds its parts and their external-data files.
         source_dirs = {(export_dir / part.file).parent for part in variant.parts.values()}
         for directory in sorted(source_dirs):
             for file in sorted(directory.iterdir()):
                 if file.is_file():
                     _place(file, version / file.name)
-        if python:
+        if _python_backend(manifest, options):
             (version / "model.py").write_text(render_model_py(manifest), encoding="utf-8")
         (target / "config.pbtxt").write_text(
             render_config(target.name, manifest, variant, options), encoding="utf-8"

@@ -334,16 +334,14 @@ async def test_killed_triton_is_unavailable_then_recovers(
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
     assert time.monotonic() - started < 5
     assert "triton" in (failed.value.details() or "").lower()
-    for name, _ in MODELS:
-        await _until(partial(_is, triton_channel, name, not_serving), 5)
+    await _until(partial(_all, triton_channel, not_serving), 5)
     assert await _health(triton_channel, "") == serving  # the gateway itself still serves
     listed = await remote.ListModels(pb.ListModelsRequest())
     assert not any(m.ready for m in listed.models)
 
     triton.start()
     triton.wait_ready(120)
-    for name, _ in MODELS:
-        await _until(partial(_is, triton_channel, name, serving), 10)
+    await _until(partial(_all, triton_channel, serving), 10)
     _close(_answer(await remote.Embed(request)), before)
     listed = await remote.ListModels(pb.ListModelsRequest())
     assert all(m.ready for m in listed.models)
@@ -355,8 +353,9 @@ async def test_killed_triton_is_unavailable_then_recovers(
     assert reply.translations[0].hypotheses[0].token_ids
 
 
-async def _is(channel: grpc.aio.Channel, model: str, status: int) -> bool:
-    return await _health(channel, model) == status
+async def _all(channel: grpc.aio.Channel, status: int) -> bool:
+    """Whether every model's health is `status`."""
+    return all([await _health(channel, name) == status for name, _ in MODELS])
 
 
 def test_pgw_triton_up_and_down(repository: Path, tmp_path: Path) -> None:

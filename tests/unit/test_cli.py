@@ -23,13 +23,19 @@ def test_demo_then_export_translation(tmp_path: Path) -> None:
     assert (models / "nllb-demo" / "config.json").is_file()
     result = runner.invoke(
         app,
-        ["export", str(models / "nllb-demo"), str(out), "--task", "translation", "--variants", "fp32,int8"],
-    )
+        [
+            "export", str(models / "nllb-demo"), str(out), "--task", "translation", "--variants", "fp32,int8",
+            "--triton", str(tmp_path / "repo"), "--triton-name", "nllb",
+        ],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     for variant in ("fp32", "int8"):
         metrics = manifest["variants"][variant]["accuracy"]["metrics"]
         assert {"token_agreement", "max_logprob_error"} <= set(metrics)
+        config = (tmp_path / "repo" / f"nllb-{variant}" / "config.pbtxt").read_text()
+        assert f'name: "nllb-{variant}"' in config
+        assert 'backend: "python"' in config
 
 
 def test_export_rejects_an_unknown_task(tmp_path: Path) -> None:
