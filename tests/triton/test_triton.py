@@ -234,18 +234,34 @@ def _triton_counts(triton: TritonServer, model: str) -> tuple[float, float]:
     return value("nv_inference_count"), value("nv_inference_exec_count")
 
 
+async def _settled_counts(
+    triton: TritonServer, model: str, at_least: float = 0.0, timeout: float = 15.0
+) -> tuple[float, float]:
+    # Triton records a request's statistics after its response has gone out, so a client can hold every
+    # reply while the counters still lag: read until the count has reached `at_least` and two reads a
+    # moment apart agree (or the time is up, and the caller's assertion says what was seen).
+    deadline = time.monotonic() + timeout
+    last = _triton_counts(triton, model)
+    while True:
+        await asyncio.sleep(0.25)
+        now = _triton_counts(triton, model)
+        if (now == last and now[0] >= at_least) or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 async def test_triton_batches_concurrent_requests(exported: Exported, triton: TritonServer) -> None:
     # The gateway sends every text alone (max_batch_size 1): any batching seen is Triton's.
     server = GatewayServer(_config(exported, triton, batch=1, names=("distilbert-demo",)))
     await server.start()
     try:
-        count_before, exec_before = _triton_counts(triton, "distilbert-demo-fp32")
+        count_before, exec_before = await _settled_counts(triton, "distilbert-demo-fp32")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
             remote = polyglot_pb2_grpc.PolyglotStub(chan)
             texts = [f"{TEXTS[i % 3]} {i}" for i in range(48)]
             replies = await asyncio.gather(*(remote.Embed(pb.EmbedRequest(texts=[t])) for t in texts))
         assert all(len(r.embeddings) == 1 for r in replies)
-        count, executions = _triton_counts(triton, "distilbert-demo-fp32")
+        count, executions = await _settled_counts(triton, "distilbert-demo-fp32", at_least=count_before + 48)
         assert count - count_before == 48
         assert executions - exec_before < 48, (
             "Triton ran every request alone: its dynamic batcher did nothing"
