@@ -1,8 +1,10 @@
 """The engines the gateway is compared with, run model-only on the same token ids in the bench process:
-PyTorch fp32 (the plain transformers model), PyTorch dynamic int8 (`quantize_dynamic` on Linear), ONNX
-Runtime on the exported graph without the gateway, and CTranslate2 (int8, float32) for translation.
+the plain transformers model in PyTorch (fp32; dynamic int8 with `quantize_dynamic` on Linear on CPU; fp16,
+and for translation fp16 with a static cache, on GPU), ONNX Runtime on the exported graph without the
+gateway, and CTranslate2 (int8, float32) for translation on CPU.
 
-Each engine runs a batch and returns what it produced, so agreement can be measured as well as time.
+Each engine runs a batch and returns what it produced (on the host), so agreement can be measured as well
+as time, and a GPU engine's time includes waiting for its kernels.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from gateway.tasks.generation import DecodingOptions, GenerationItem, Generator
 from gateway.tokenization import pad_batch
 
 Batch = list[list[int]]  # token ids with special tokens, one row per text
+Precision = Literal["fp32", "fp16", "int8"]  # int8: PyTorch dynamic quantization, CPU only
 
 
 def threads() -> int:
@@ -51,15 +54,24 @@ def _torch() -> Any:
     return torch
 
 
-def _quantized(model: Any) -> Any:
+def _prepared(model: Any, precision: Precision, device: str) -> Any:
+    """The model in eval mode at `precision` on `device`."""
     torch = _torch()
-    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if precision == "int8":
+        if device != "cpu":
+            raise ValueError("PyTorch dynamic int8 runs on the CPU only")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    elif precision == "fp16":
+        model = model.half()
+    return model.to(device).eval()
 
 
 class TorchEncoder:
     """The transformers model as a FastAPI wrapper would run it (embedding: mean pooling and L2 norm)."""
 
-    def __init__(self, checkpoint: Path, task: str, pad_id: int, int8: bool) -> None:
+    def __init__(
+        self, checkpoint: Path, task: str, pad_id: int, precision: Precision = "fp32", device: str = "cpu"
+    ) -> None:
         torch = _torch()
         from transformers import AutoModel, AutoModelForMaskedLM
 
@@ -71,34 +83,38 @@ class TorchEncoder:
             model = AutoModelForMaskedLM.from_pretrained(checkpoint, use_safetensors=True)
         else:
             model = AutoModel.from_pretrained(checkpoint, use_safetensors=True)
-        self.model = (_quantized(model) if int8 else model).eval()
+        self.model = _prepared(model, precision, device)
         self.task = task
         self.pad_id = pad_id
-        self.name = f"pytorch-{'int8' if int8 else 'fp32'}"
+        self.device = device
+        self.name = f"pytorch-{precision}"
         self._torch = torch
 
     def run(self, batch: Batch) -> np.ndarray:
         torch = self._torch
         ids, mask = pad_batch(batch, self.pad_id)
         with torch.inference_mode():
-            input_ids, attention = torch.from_numpy(ids), torch.from_numpy(mask)
+            input_ids = torch.from_numpy(ids).to(self.device)
+            attention = torch.from_numpy(mask).to(self.device)
             out = self.model(input_ids=input_ids, attention_mask=attention)
             if self.task == "embedding":
                 hidden = out.last_hidden_state
                 weights = attention.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * weights).sum(1) / weights.sum(1)
-                return np.asarray(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-            logits = out.logits if hasattr(out, "logits") else out  # SaT's loader returns the logits
-            return np.asarray(logits.numpy())
+                result = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            else:
+                result = out.logits if hasattr(out, "logits") else out  # SaT's loader returns the logits
+            return np.asarray(result.float().cpu().numpy())
 
 
 class OrtEncoder:
     """The exported graph on ONNX Runtime, called directly: the gateway minus tokenization and gRPC."""
 
-    def __init__(self, export_dir: Path, variant: str) -> None:
+    def __init__(self, export_dir: Path, variant: str, device: str = "cpu") -> None:
         manifest = Manifest.read(export_dir)
         part = manifest.variants[variant].parts["model"]
-        self.backend = OnnxRuntimeBackend(export_dir / part.file, OrtSettings(), ThreadPoolExecutor(1))
+        settings = OrtSettings(device="cuda" if device.startswith("cuda") else "cpu")
+        self.backend = OnnxRuntimeBackend(export_dir / part.file, settings, ThreadPoolExecutor(1))
         self.pad_id = manifest.special_tokens.pad_id
         self.input_names = [spec.name for spec in part.inputs]
         self.name = f"onnxruntime-{variant}"
@@ -118,29 +134,37 @@ class OrtEncoder:
 
 
 class TorchTranslator:
-    """transformers `generate()`: greedy, the target language forced, exactly `new_tokens` after it."""
+    """transformers `generate()`: greedy, the target language forced, exactly `new_tokens` after it.
+    `static_cache`: `cache_implementation="static"`, the fastest way transformers offers on a GPU (its first
+    call compiles, which the warm-up run of `timed` absorbs)."""
 
-    def __init__(self, checkpoint: Path, int8: bool) -> None:
+    def __init__(
+        self, checkpoint: Path, precision: Precision = "fp32", device: str = "cpu", static_cache: bool = False
+    ) -> None:
         torch = _torch()
         from transformers import AutoModelForSeq2SeqLM
 
         model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint, use_safetensors=True)
-        self.model = (_quantized(model) if int8 else model).eval()
-        self.name = f"pytorch-{'int8' if int8 else 'fp32'}"
+        self.model = _prepared(model, precision, device)
+        self.device = device
+        self.static_cache = static_cache
+        self.name = f"pytorch-{precision}{'-static' if static_cache else ''}"
         self._torch = torch
 
     def run(self, batch: Batch, target_id: int, new_tokens: int, pad_id: int) -> list[list[int]]:
         torch = self._torch
         ids, mask = pad_batch(batch, pad_id)
+        extra = {"cache_implementation": "static"} if self.static_cache else {}
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
+                input_ids=torch.from_numpy(ids).to(self.device),
+                attention_mask=torch.from_numpy(mask).to(self.device),
                 forced_bos_token_id=target_id,
                 max_new_tokens=new_tokens + 1,
                 min_new_tokens=new_tokens + 1,
                 num_beams=1,
                 do_sample=False,
+                **extra,
             )
         return [row[2:] for row in out.tolist()]  # after the decoder start and the language token
 
@@ -148,11 +172,12 @@ class TorchTranslator:
 class OrtTranslator:
     """The gateway's decoding loop over the exported parts, in this process: no gRPC, no batcher."""
 
-    def __init__(self, export_dir: Path, variant: str) -> None:
+    def __init__(self, export_dir: Path, variant: str, device: str = "cpu") -> None:
         manifest = Manifest.read(export_dir)
         executor = ThreadPoolExecutor(1)
+        settings = OrtSettings(device="cuda" if device.startswith("cuda") else "cpu")
         parts = {
-            name: OnnxRuntimeBackend(export_dir / spec.file, OrtSettings(), executor)
+            name: OnnxRuntimeBackend(export_dir / spec.file, settings, executor)
             for name, spec in manifest.variants[variant].parts.items()
         }
         eos = manifest.special_tokens.eos_id

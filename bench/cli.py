@@ -24,7 +24,10 @@ def bench(
         Path | None, typer.Option(help="Results directory (default bench/results/<date>-<host>).")
     ] = None,
     model: Annotated[list[str] | None, typer.Option(help="Models to run (repeatable; default all).")] = None,
-    variants: Annotated[str, typer.Option(help="Comma-separated variants.")] = "fp32,int8",
+    variants: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated variants. Default: fp32,int8 on cpu; fp16,fp32 on cuda."),
+    ] = None,
     seconds: Annotated[float, typer.Option(help="Seconds per load point.")] = 10.0,
     concurrency: Annotated[str, typer.Option(help="Closed-loop concurrency sweep.")] = "1,2,4,8",
     repeats: Annotated[int, typer.Option(help="Baseline timings: median of this many runs.")] = 5,
@@ -37,12 +40,19 @@ def bench(
     triton: Annotated[
         bool, typer.Option(help="Also run each model on a local tritonserver (pgw triton's, Python flavor).")
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cpu, or cuda: the gateway and the baselines on the GPU (PyTorch fp16 and fp32, fp16 with a "
+            "static cache for translation), with GPU shapes (256x128 saturation, 48->48 translation)."
+        ),
+    ] = "cpu",
     rewrite_report: Annotated[
         Path | None, typer.Option(help="Only rewrite report.md and plots of this results directory.")
     ] = None,
 ) -> None:
     """Benchmark the gateway against PyTorch, ONNX Runtime and CTranslate2 on the same inputs."""
-    from bench.suite import MODELS, Settings, run_suite, save
+    from bench.suite import MODELS, PROFILES, Settings, run_suite, save
 
     if rewrite_report is not None:
         from bench.report import rewrite
@@ -51,19 +61,37 @@ def bench(
         return
     chosen = tuple(model or MODELS)
     unknown = [m for m in chosen if m not in MODELS]
-    if unknown or size not in ("tiny", "full"):
-        console.print(f"[bold red]error:[/] models must be among {', '.join(MODELS)}; --size tiny or full")
+    if unknown or size not in ("tiny", "full") or device not in PROFILES:
+        console.print(
+            f"[bold red]error:[/] models must be among {', '.join(MODELS)}; --size tiny or full; "
+            f"--device {' or '.join(PROFILES)}"
+        )
+        raise typer.Exit(1)
+    if PROFILES[device].device == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            console.print(
+                "[bold red]error:[/] --device cuda needs an onnxruntime with the CUDAExecutionProvider "
+                "(pip install 'polyglot-gateway[gpu]'); this one has "
+                f"{', '.join(onnxruntime.get_available_providers())}"
+            )
+            raise typer.Exit(1)
+    if device == "cuda" and triton:
+        console.print("[bold red]error:[/] --triton runs nvidia-pytriton's CPU tritonserver: not with cuda")
         raise typer.Exit(1)
     if quick:
         size, seconds, repeats, concurrency = "tiny", 0.6, 2, "1,4"
     work = work or Path(f"~/.cache/polyglot-gateway/bench-{size}").expanduser()
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    out = out or Path("bench/results") / f"{stamp}-{platform.node()}{'-quick' if quick else ''}"
+    suffix = f"{'-cuda' if device == 'cuda' else ''}{'-quick' if quick else ''}"
+    out = out or Path("bench/results") / f"{stamp}-{platform.node()}{suffix}"
+    chosen_variants = variants.split(",") if variants else PROFILES[device].variants
     settings = Settings(
         work=work,
         out=out,
         models=chosen,
-        variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        variants=tuple(v.strip() for v in chosen_variants if v.strip()),
         seconds=seconds,
         concurrency=tuple(int(c) for c in concurrency.split(",")),
         repeats=repeats,
@@ -73,6 +101,7 @@ def bench(
         baselines=baselines,
         size=size,
         triton=triton,
+        device=device,
     )
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console

@@ -36,6 +36,7 @@ class GatewayProcess:
         work: Path,
         batching: dict[str, Any] | None = None,
         triton: str | None = None,  # a Triton gRPC endpoint: serve the model from there
+        device: str = "cpu",
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -45,6 +46,7 @@ class GatewayProcess:
             "port": self.port,
             "metrics_host": "127.0.0.1",
             "metrics_port": self.metrics_port,
+            "device": device,
             "models": [{"name": name, "path": str(export_dir), "variant": variant}],
         }
         if triton:

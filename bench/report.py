@@ -29,13 +29,17 @@ def _header(titles: str) -> list[str]:
 
 def write_markdown(results: Results, path: Path) -> None:
     m = results.meta["machine"]
+    device = results.meta["settings"].get("device", "cpu")
+    gpu = f" GPU: {m['gpu']}." if m.get("gpu") else ""
+    reference = next((c["reference"] for c in results.comparisons), "pytorch-fp32")
     lines = [
         "# Polyglot Gateway benchmark",
         "",
-        f"{m['date']} on `{m['host']}`: {m['cpu']}, {m['cores']} cores. Python {m['python']}, onnxruntime "
-        f"{m['onnxruntime']}, torch {m.get('torch')}, transformers {m.get('transformers')}, ctranslate2 "
-        f"{m.get('ctranslate2')}. Models: {results.meta['settings'].get('size')} demo models (random weights "
-        f"at the published sizes when `full`). Suite time {results.meta.get('seconds')} s.",
+        f"{m['date']} on `{m['host']}` ({device}): {m['cpu']}, {m['cores']} cores.{gpu} "
+        f"Python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m.get('torch')}, transformers "
+        f"{m.get('transformers')}, ctranslate2 {m.get('ctranslate2')}. Models: "
+        f"{results.meta['settings'].get('size')} demo models (random weights at the published sizes when "
+        f"`full`). Suite time {results.meta.get('seconds')} s.",
         "",
         "## Gateway against the baselines (same inputs, same run)",
         "",
@@ -46,8 +50,8 @@ def write_markdown(results: Results, path: Path) -> None:
         "gateway's overhead: 1.0 means none).",
         "",
         *_header(
-            "model | shape | variant | backend | conc. | metric | gateway | PyTorch fp32 | "
-            "x PyTorch fp32 | best other | x best other | x ORT direct"
+            f"model | shape | variant | backend | conc. | metric | gateway | {reference} | "
+            f"x {reference} | best other | x best other | x ORT direct"
         ),
     ]
     for c in results.comparisons:
@@ -60,8 +64,8 @@ def write_markdown(results: Results, path: Path) -> None:
                 _f(c["concurrency"], 0),
                 c["metric"],
                 _f(c["gateway"], 4),
-                _f(c["pytorch_fp32"], 4),
-                _f(c["speedup_vs_pytorch_fp32"]),
+                _f(c["reference_value"], 4),
+                _f(c["speedup_vs_reference"]),
                 c["best_other"] or "-",
                 _f(c["speedup_vs_best_other"]),
                 _f(c["gateway_vs_onnxruntime_direct"]),
@@ -173,8 +177,6 @@ def rewrite(out: Path) -> None:
     """Rewrite report.md and the plots of an existing results directory from its results.json."""
     import json
 
-    from bench.suite import Results
+    from bench.suite import Results, save
 
-    results = Results(**json.loads((out / "results.json").read_text(encoding="utf-8")))
-    write_markdown(results, out / "report.md")
-    write_plots(results, out)
+    save(Results(**json.loads((out / "results.json").read_text(encoding="utf-8"))), out)

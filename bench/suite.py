@@ -1,9 +1,10 @@
 """The benchmark suite: per task and variant, the gateway under load (its own process, over gRPC), then the
 baselines on the same token ids in this process, then the comparisons the README quotes.
 
-Shapes compared with the baselines (model-only for them, end to end for the gateway):
-- encoders: `1x32` (one text of 32 tokens: latency) and `32x128` (32 texts of 128 tokens: throughput);
-- translation: `1x32->32` and `8x32->32` (greedy, 32 source tokens, exactly 32 new tokens).
+Shapes compared with the baselines (model-only for them, end to end for the gateway), per device profile:
+- CPU: encoders `1x32` (one text of 32 tokens: latency) and `32x128` (32 texts of 128 tokens: throughput);
+  translation `1x32->32` and `8x32->32` (greedy, 32 source tokens, exactly 32 new tokens);
+- GPU: encoders also `256x128` (saturation); translation `1x48->48` and `8x48->48`.
 Load runs: closed-loop concurrency sweeps on a mixed-length multilingual scenario and Poisson arrivals at
 fractions of the best closed-loop rate.
 """
@@ -36,7 +37,6 @@ from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
 
 Progress = Callable[[str], None]  # what the suite is doing now
-NEW_TOKENS = 32
 
 # served name -> (demo checkpoint, task)
 MODELS: dict[str, tuple[str, Task]] = {
@@ -44,6 +44,49 @@ MODELS: dict[str, tuple[str, Task]] = {
     "sat-demo": ("sat-demo", "token-classification"),
     "distilbert-demo-fill-mask": ("distilbert-demo", "fill-mask"),
     "nllb-demo": ("nllb-demo", "translation"),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a device is benchmarked with: shapes, default variants, baselines, the gateway's batching."""
+
+    device: str
+    variants: tuple[str, ...]
+    # encoders: name -> (texts, tokens per text without the two special tokens)
+    encoder_shapes: dict[str, tuple[int, int]]
+    # translation: name -> (texts, source tokens with the language token and </s>, new tokens)
+    translation_shapes: dict[str, tuple[int, int, int]]
+    encoder_engines: tuple[baselines.Precision, ...]  # PyTorch's, besides ONNX Runtime on every variant
+    translation_engines: tuple[tuple[baselines.Precision, bool], ...]  # the same, and a static cache?
+    ctranslate2: bool  # CTranslate2 int8 and float32 (CPU)
+    reference: str  # the engine the README's "x PyTorch" ratios divide by
+    batching: dict[str, Any] | None = None  # the gateway's batching section; None: its defaults
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        device="cpu",
+        variants=("fp32", "int8"),
+        encoder_shapes={"1x32": (1, 30), "32x128": (32, 126)},
+        translation_shapes={"1x32->32": (1, 32, 32), "8x32->32": (8, 32, 32)},
+        encoder_engines=("fp32", "int8"),
+        translation_engines=(("fp32", False), ("int8", False)),
+        ctranslate2=True,
+        reference="pytorch-fp32",
+    ),
+    # Saturation wants batches of 256 texts of 128 tokens, past the CPU defaults of the batcher.
+    "cuda": Profile(
+        device="cuda",
+        variants=("fp16", "fp32"),
+        encoder_shapes={"1x32": (1, 30), "32x128": (32, 126), "256x128": (256, 126)},
+        translation_shapes={"1x48->48": (1, 48, 48), "8x48->48": (8, 48, 48)},
+        encoder_engines=("fp32", "fp16"),
+        translation_engines=(("fp32", False), ("fp16", False), ("fp16", True)),
+        ctranslate2=False,
+        reference="pytorch-fp16",
+        batching={"max_batch_size": 256, "max_batch_tokens": 256 * 128},
+    ),
 }
 
 
@@ -62,6 +105,11 @@ class Settings:
     baselines: bool = True
     size: str = "tiny"
     triton: bool = False  # also run the gateway with its models on a local tritonserver (Python flavor)
+    device: str = "cpu"  # cpu or cuda: the gateway's device, the baselines' and the profile's
+
+    @property
+    def profile(self) -> Profile:
+        return PROFILES[self.device]
 
 
 @dataclass
@@ -73,7 +121,7 @@ class Results:
     agreement: list[dict[str, Any]] = field(default_factory=list)
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cpu") -> dict[str, Any]:
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -98,6 +146,11 @@ def machine() -> dict[str, Any]:
             info[package] = __import__(package).__version__
         except Exception:
             info[package] = None
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
     return info
 
 
@@ -117,10 +170,12 @@ def prepare(settings: Settings, progress: Progress) -> None:
     if sources:
         progress(f"building demo checkpoints ({settings.size})")
         build_demo_models(checkpoints, settings.size, seed=0, names=sources)  # type: ignore[arg-type]
+    variants = tuple(dict.fromkeys(("fp32", *settings.variants)))  # fp32 is every variant's reference
     for name in missing:
         source, task = MODELS[name]
         progress(f"exporting {name}")
-        export_model(checkpoints / source, settings.work / "exports" / name, ExportOptions(task=task))
+        options = ExportOptions(task=task, variants=variants)  # type: ignore[arg-type]
+        export_model(checkpoints / source, settings.work / "exports" / name, options)
 
 
 # ------------------------------------------------------------------------------------------ gateway runs
@@ -133,7 +188,9 @@ _REQUESTS: dict[str, Any] = {
 }
 
 
-def _request_factory(task: Task, name: str, texts: list[str], per_request: int = 1) -> Callable[[int], Any]:
+def _request_factory(
+    task: Task, name: str, texts: list[str], per_request: int = 1, new_tokens: int = 32
+) -> Callable[[int], Any]:
     """Request i of a scenario: `per_request` texts, cycling through `texts`."""
 
     def make(index: int) -> Any:
@@ -145,7 +202,7 @@ def _request_factory(task: Task, name: str, texts: list[str], per_request: int =
                 source_lang="eng_Latn",
                 target_lang="fra_Latn",
                 model=name,
-                options=pb.TranslateOptions(max_new_tokens=NEW_TOKENS),
+                options=pb.TranslateOptions(max_new_tokens=new_tokens),
             )
         return _REQUESTS[task](texts=chosen, model=name)
 
@@ -215,7 +272,16 @@ async def _gateway_runs(
         target.manifest,
     )
     export = settings.work / "exports" / name
-    gateway = GatewayProcess(name, export, variant, settings.out / "logs", triton=triton)
+    profile = settings.profile
+    gateway = GatewayProcess(
+        name,
+        export,
+        variant,
+        settings.out / "logs",
+        batching=profile.batching,
+        triton=triton,
+        device=profile.device,
+    )
     backend = "triton" if triton else "onnxruntime"
     progress(f"{name} {variant}: starting the gateway")
     gateway.start()
@@ -237,18 +303,20 @@ async def _gateway_runs(
         mask = manifest.special_tokens.mask_token or ""
         adapt = (lambda t: _fill_mask_texts(t, mask)) if task == "fill-mask" else (lambda t: t)
         rng = random.Random(0)
+        # shape -> (texts, tokens per text without special tokens, new tokens)
+        shapes: dict[str, tuple[int, int, int]]
         if task == "translation":
-            source_tokens = NEW_TOKENS - 2  # the language token and </s> make 32
-            shapes = {"1x32->32": (1, source_tokens), "8x32->32": (8, source_tokens)}
+            # the language token and </s> are the other two source tokens
+            shapes = {k: (n, source - 2, new) for k, (n, source, new) in profile.translation_shapes.items()}
             mixed = [maker.text(rng.choice((8, 16, 30, 60)), "eng_Latn", offset=i).text for i in range(64)]
         else:
-            shapes = {"1x32": (1, 30), "32x128": (32, 126)}  # + [CLS]/[SEP] or <s>/</s>
+            shapes = {k: (n, tokens, 0) for k, (n, tokens) in profile.encoder_shapes.items()}
             mixed = [maker.text(rng.choice((8, 16, 32, 64, 128, 256)), offset=i).text for i in range(256)]
         # The fixed shapes: one request of N texts at a time, as the baselines run them.
-        for shape, (count, tokens) in shapes.items():
+        for shape, (count, tokens, new_tokens) in shapes.items():
             lang = "eng_Latn" if task == "translation" else None
             texts = adapt([t.text for t in maker.texts(count * 4, tokens, lang)])
-            make = _request_factory(task, name, texts, count)
+            make = _request_factory(task, name, texts, count, new_tokens)
             if task == "translation":
                 reply = await client.rpc(make(0), timeout=600)
                 produced[shape] = [list(t.hypotheses[0].token_ids) for t in reply.translations]
@@ -292,16 +360,17 @@ def _encoder_baselines(
     checkpoint = settings.work / "checkpoints" / MODELS[name][0]
     tokenizer = maker.tokenizer
     mask = manifest.special_tokens.mask_token or ""
+    profile = settings.profile
     batches = {}
-    for shape, (count, tokens) in {"1x32": (1, 30), "32x128": (32, 126)}.items():
+    for shape, (count, tokens) in profile.encoder_shapes.items():
         texts = [t.text for t in maker.texts(count, tokens)]
         if task == "fill-mask":
             texts = _fill_mask_texts(texts, mask)
         batches[shape] = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
+    pad, device, export = manifest.special_tokens.pad_id, profile.device, settings.work / "exports" / name
     engines: list[Callable[[], Any]] = [
-        lambda: baselines.TorchEncoder(checkpoint, task, manifest.special_tokens.pad_id, int8=False),
-        lambda: baselines.TorchEncoder(checkpoint, task, manifest.special_tokens.pad_id, int8=True),
-        *[partial(baselines.OrtEncoder, settings.work / "exports" / name, v) for v in settings.variants],
+        *[partial(baselines.TorchEncoder, checkpoint, task, pad, p, device) for p in profile.encoder_engines],
+        *[partial(baselines.OrtEncoder, export, v, device) for v in settings.variants],
     ]
     for make in engines:
         engine = make()
@@ -340,39 +409,42 @@ def _translation_baselines(
     assert eos is not None
     source_id, target_id = info.language_token_ids["eng_Latn"], info.language_token_ids["fra_Latn"]
     tokenizer = maker.tokenizer
+    profile = settings.profile
     batches = {}
-    for shape, count in (("1x32->32", 1), ("8x32->32", 8)):
-        texts = [t.text for t in maker.texts(count, NEW_TOKENS - 2, "eng_Latn")]
+    for shape, (count, source_tokens, _) in profile.translation_shapes.items():
+        texts = [t.text for t in maker.texts(count, source_tokens - 2, "eng_Latn")]
         batches[shape] = [
             [source_id, *e.ids, eos] for e in tokenizer.encode_batch(texts, add_special_tokens=False)
         ]
-    pad = manifest.special_tokens.pad_id
+    pad, device = manifest.special_tokens.pad_id, profile.device
 
     def to_tokens(ids: list[int]) -> list[str]:
         return [tokenizer.id_to_token(i) or "<unk>" for i in ids]
 
     engines: list[Callable[[], Any]] = [
-        lambda: baselines.TorchTranslator(checkpoint, int8=False),
-        lambda: baselines.TorchTranslator(checkpoint, int8=True),
-        *[partial(baselines.OrtTranslator, export, v) for v in settings.variants],
+        partial(baselines.TorchTranslator, checkpoint, precision, device, static)
+        for precision, static in profile.translation_engines
     ]
-    try:
-        converted = baselines.convert_ctranslate2(checkpoint, settings.work / "ctranslate2" / name)
-        engines += [
-            partial(baselines.CTranslate2Translator, converted, c, to_tokens) for c in ("int8", "float32")
-        ]
-    except ImportError:
-        progress("ctranslate2 is not installed: no CTranslate2 rows")
+    engines += [partial(baselines.OrtTranslator, export, v, device) for v in settings.variants]
+    if profile.ctranslate2:
+        try:
+            converted = baselines.convert_ctranslate2(checkpoint, settings.work / "ctranslate2" / name)
+            engines += [
+                partial(baselines.CTranslate2Translator, converted, c, to_tokens) for c in ("int8", "float32")
+            ]
+        except ImportError:
+            progress("ctranslate2 is not installed: no CTranslate2 rows")
     for make in engines:
         engine = make()
         for shape, batch in batches.items():
+            new_tokens = profile.translation_shapes[shape][2]
             progress(f"{name}: {engine.name} {shape}")
             seconds, out = baselines.timed(
-                partial(engine.run, batch, target_id, NEW_TOKENS, pad), settings.repeats
+                partial(engine.run, batch, target_id, new_tokens, pad), settings.repeats
             )
             ids = [[tokenizer.token_to_id(t) if isinstance(t, str) else t for t in row] for row in out]
             produced.setdefault(engine.name, {})[shape] = [
-                [i for i in row if i != eos][:NEW_TOKENS] for row in ids
+                [i for i in row if i != eos][:new_tokens] for row in ids
             ]
             results.shapes.append(
                 {
@@ -432,9 +504,10 @@ def _agreement(reference: list[list[int]], other: list[list[int]]) -> float:
 
 
 def _compare(results: Results) -> None:
-    """Per model and shape: each gateway run against PyTorch fp32 and the best other engine. Ratios are
-    speed-ups (higher is better): of 1 / p50 latency on the batch-1 shapes, of texts per second on the
-    others."""
+    """Per model and shape: each gateway run against the profile's PyTorch reference (fp32 on CPU, fp16 on
+    GPU) and the best other engine. Ratios are speed-ups (higher is better): of 1 / p50 latency on the
+    batch-1 shapes, of texts per second on the others."""
+    reference = PROFILES[results.meta["settings"].get("device", "cpu")].reference
     for row in results.runs:
         latency = row["scenario"].startswith("1x")
         if row["scenario"] == "mixed" or (latency and row["level"] != 1):
@@ -462,8 +535,9 @@ def _compare(results: Results) -> None:
                 "metric": "p50 latency (s, lower is better)" if latency else "texts/s (higher is better)",
                 "concurrency": row["level"],
                 "gateway": value,
-                "pytorch_fp32": native.get("pytorch-fp32"),
-                "speedup_vs_pytorch_fp32": mine / speed["pytorch-fp32"] if "pytorch-fp32" in speed else None,
+                "reference": reference,
+                "reference_value": native.get(reference),
+                "speedup_vs_reference": mine / speed[reference] if reference in speed else None,
                 "best_other": best,
                 "speedup_vs_best_other": mine / others[best] if best else None,
                 "onnxruntime_direct": native.get(direct),
@@ -480,7 +554,7 @@ def run_suite(settings: Settings, progress: Progress) -> Results:
     prepare(settings, progress)
     results = Results(
         meta={
-            "machine": machine(),
+            "machine": machine(settings.profile.device),
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
         }
     )

@@ -8,6 +8,7 @@ come from the session, never from constants.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,9 +53,19 @@ def provider_chain(settings: OrtSettings) -> list[str | tuple[str, dict[str, Any
                 "device cuda was asked for, but this onnxruntime has no CUDAExecutionProvider "
                 "(install the gpu extra: pip install 'polyglot-gateway[gpu]')"
             )
+        _preload_cuda_libraries()
         chain.append((CUDA, {"device_id": settings.device_id}))
     chain.append(CPU)
     return chain
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of pip's nvidia-* packages (or torch's) before the first CUDA
+    session, so that onnxruntime-gpu finds them without LD_LIBRARY_PATH (onnxruntime >= 1.21)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
 
 
 def _specs(values: Sequence[Any]) -> list[TensorSpec]:
