@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from grpc import aio
 
@@ -51,6 +51,17 @@ def _usage(usage: Usage) -> pb.Usage:
 def _timing(timing: Timing, started: float) -> pb.Timing:
     total = 1000 * (time.perf_counter() - started)
     return pb.Timing(queue_ms=timing.queue_ms, inference_ms=timing.inference_ms, total_ms=total)
+
+
+def _add_token_labels(field: Any, labels: list[tc.TokenLabel]) -> None:
+    """Per-token messages built in place with `add` (a message passed to a repeated field is copied), and
+    `scores` set only when there are some (an empty one costs as much as the rest of the message)."""
+    add = field.add
+    for t in labels:
+        if t.scores:
+            add(token=t.token, start=t.start, end=t.end, label=t.label, score=t.score, scores=t.scores)
+        else:
+            add(token=t.token, start=t.start, end=t.end, label=t.label, score=t.score)
 
 
 def _enum(table: Mapping[int, E], value: int, field: str) -> E:
@@ -172,33 +183,14 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                 deadline=deadline_of(context),
             )
         )
-        return pb.ClassifyResponse(
-            results=[
-                pb.ClassifiedText(
-                    tokens=[
-                        pb.TokenLabel(
-                            token=t.token,
-                            start=t.start,
-                            end=t.end,
-                            label=t.label,
-                            score=t.score,
-                            scores=t.scores,
-                        )
-                        for t in text.tokens
-                    ],
-                    spans=[
-                        pb.Span(label=s.label, start=s.start, end=s.end, text=s.text, score=s.score)
-                        for s in text.spans
-                    ],
-                    truncated=text.truncated,
-                )
-                for text in result.results
-            ],
-            model=served.name,
-            labels=result.labels,
-            usage=_usage(result.usage),
-            timing=_timing(result.timing, started),
-        )
+        reply = pb.ClassifyResponse(model=served.name, labels=result.labels, usage=_usage(result.usage))
+        for text in result.results:
+            classified = reply.results.add(truncated=text.truncated)
+            _add_token_labels(classified.tokens, text.tokens)
+            for s in text.spans:
+                classified.spans.add(label=s.label, start=s.start, end=s.end, text=s.text, score=s.score)
+        reply.timing.CopyFrom(_timing(result.timing, started))
+        return reply
 
     async def Segment(self, request: pb.SegmentRequest, context: aio.ServicerContext) -> pb.SegmentResponse:
         started = time.perf_counter()

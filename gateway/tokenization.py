@@ -28,10 +28,11 @@ class Encoded:
 
 
 def _encoded(encoding: Encoding, truncated: bool) -> Encoded:
+    # `tokenizers` hands out fresh lists of Python ints and (int, int) tuples: no per-token conversion.
     return Encoded(
-        ids=list(encoding.ids),
-        offsets=[(int(a), int(b)) for a, b in encoding.offsets],
-        special=[bool(m) for m in encoding.special_tokens_mask],
+        ids=encoding.ids,
+        offsets=encoding.offsets,
+        special=list(map(bool, encoding.special_tokens_mask)),
         truncated=truncated,
     )
 

