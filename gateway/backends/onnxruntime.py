@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -92,6 +92,7 @@ class OnnxRuntimeBackend:
         self._outputs = _specs(self.session.get_outputs())
         self._input_names = {spec.name for spec in self._inputs}
         self._runner = self._cuda_runner() if self.device != "cpu" else None
+        self.keep_outputs = self.device != "cpu"  # BoundBackend
 
     def _cuda_runner(self) -> Any:
         from gateway.backends.ort_cuda import IoBindingRunner
@@ -124,6 +125,47 @@ class OnnxRuntimeBackend:
     async def run(self, inputs: Arrays, outputs: Sequence[str] | None = None) -> Arrays:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(self.run_sync, inputs, outputs))
+
+    # BoundBackend: outputs kept as OrtValues on the session's device, fed back through IO binding.
+
+    def run_bound_sync(
+        self, inputs: Mapping[str, Any], host: Sequence[str], kept: Sequence[str]
+    ) -> tuple[Arrays, dict[str, Any]]:
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            if name not in self._input_names:
+                continue
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in host:
+            binding.bind_output(name, "cpu")
+        device, device_id = self._ort_device()
+        for name in kept:
+            binding.bind_output(name, device, device_id)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        arrays = {name: value.numpy() for name, value in zip(host, values[: len(host)], strict=True)}
+        return arrays, dict(zip(kept, values[len(host) :], strict=True))
+
+    async def run_bound(
+        self, inputs: Mapping[str, Any], host: Sequence[str], kept: Sequence[str]
+    ) -> tuple[Arrays, dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(self.run_bound_sync, inputs, host, kept))
+
+    def to_host(self, value: Any) -> np.ndarray:
+        return np.asarray(value.numpy())
+
+    def to_device(self, array: np.ndarray) -> Any:
+        device, device_id = self._ort_device()
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, device_id)
+
+    def _ort_device(self) -> tuple[str, int]:
+        if self.device == "cpu":
+            return "cpu", 0
+        return "cuda", int(self.device.split(":", 1)[1])
 
     async def close(self) -> None:
         self._runner = None

@@ -7,11 +7,11 @@ finish. The gateway runs it in-process; Triton's Python-backend translation mode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from gateway.backends.base import Arrays, Backend
+from gateway.backends.base import Arrays, Backend, BoundBackend
 from gateway.tokenization import pad_batch
 
 _NEG = np.float32(-1e9)
@@ -76,23 +76,42 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class _Decoder:
-    """The exported decoder parts with a cache that can shrink and reorder by rows."""
+    """The exported decoder parts with a cache that can shrink and reorder by rows.
+
+    On backends that keep outputs where they computed them (`BoundBackend` with `keep_outputs`: ONNX
+    Runtime on a GPU), the cache stays there from step to step and only the logits come to the host: no
+    key/value tensor crosses the bus unless rows leave or beams reorder. Elsewhere the cache is arrays."""
 
     def __init__(self, first: Backend, step: Backend) -> None:
         self.first_part, self.step_part = first, step
         self.first_outputs = [spec.name for spec in first.outputs]
         self.step_outputs = [spec.name for spec in step.outputs]
-        self.cache: Arrays = {}
+        self.bound: tuple[BoundBackend, BoundBackend] | None = None
+        if isinstance(first, BoundBackend) and isinstance(step, BoundBackend):
+            self.bound = (first, step) if first.keep_outputs and step.keep_outputs else None
+        self.cache: dict[str, Any] = {}  # arrays, or values kept on the bound backend's device
         self.mask = np.zeros((0, 0), dtype=np.int64)
 
+    async def _run(self, part: int, inputs: dict[str, Any]) -> np.ndarray:
+        """Run the first part (0) or the step part (1); update the cache; return the last logits."""
+        backend = (self.first_part, self.step_part)[part]
+        names = (self.first_outputs, self.step_outputs)[part]
+        kept = [name for name in names if name != "logits"]
+        if self.bound is not None:
+            host, cache = await self.bound[part].run_bound(inputs, ["logits"], kept)
+            logits = host["logits"]
+        else:
+            out = await backend.run(inputs, names)
+            logits, cache = out["logits"], {name: out[name] for name in kept}
+        for name, value in cache.items():
+            self.cache[name.replace("present", "past_key_values")] = value
+        return logits[:, -1]
+
     async def start(self, tokens: np.ndarray, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        out = await self.first_part.run(
-            {"input_ids": tokens, "encoder_hidden_states": hidden, "encoder_attention_mask": mask},
-            self.first_outputs,
-        )
-        self.cache = {k.replace("present", "past_key_values"): v for k, v in out.items() if k != "logits"}
+        self.cache = {}
         self.mask = mask
-        return out["logits"][:, -1]
+        inputs = {"input_ids": tokens, "encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+        return await self._run(0, inputs)
 
     async def step(self, tokens: np.ndarray) -> np.ndarray:
         inputs = {
@@ -100,17 +119,17 @@ class _Decoder:
             "encoder_attention_mask": self.mask,
             **self.cache,
         }
-        out = await self.step_part.run(inputs, self.step_outputs)
-        for name, value in out.items():
-            if name != "logits":
-                self.cache[name.replace("present", "past_key_values")] = value
-        return out["logits"][:, -1]
+        return await self._run(1, inputs)
 
     def keep(self, rows: np.ndarray, self_only: bool = False) -> None:
         """Keep (and reorder to) `rows`; the cross-attention cache only changes when rows leave."""
         for name, value in self.cache.items():
             if not self_only or ".decoder." in name:
-                self.cache[name] = value[rows]
+                if self.bound is not None:
+                    step = self.bound[1]
+                    self.cache[name] = step.to_device(step.to_host(value)[rows])
+                else:
+                    self.cache[name] = value[rows]
         if not self_only:
             self.mask = self.mask[rows]
 
