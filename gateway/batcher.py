@@ -68,6 +68,7 @@ class Timed(Generic[Out]):
     queue_seconds: float
     run_seconds: float
     batch_size: int
+    batch: int  # which batch of its batcher it ran in (a sequence number)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._pending: list[_Item[In, Out]] = []
         self._wakeup = asyncio.Event()
         self._arrivals = itertools.count()
+        self._numbers = itertools.count()  # batches run
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._running = 0  # batches in flight
@@ -266,6 +268,7 @@ class DynamicBatcher(Generic[In, Out]):
         return sorted(batch, key=lambda item: item.arrival)
 
     async def _run(self, batch: list[_Item[In, Out]]) -> None:
+        number = next(self._numbers)
         started = time.monotonic()
         failed = False
         results: Sequence[Out] = []
@@ -286,7 +289,7 @@ class DynamicBatcher(Generic[In, Out]):
         if not failed:
             for item, result in zip(batch, results, strict=True):
                 if not item.future.done():
-                    timed = Timed(result, started - item.enqueued_at, finished - started, len(batch))
+                    timed = Timed(result, started - item.enqueued_at, finished - started, len(batch), number)
                     item.future.set_result(timed)
         if self._observer is not None:
             self._observer(

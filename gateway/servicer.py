@@ -207,19 +207,16 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                 deadline=deadline_of(context),
             )
         )
-        return pb.SegmentResponse(
-            results=[
-                pb.SegmentedText(
-                    sentences=[pb.Sentence(text=s.text, start=s.start, end=s.end) for s in text.sentences],
-                    probabilities=text.probabilities or [],
-                )
-                for text in result.results
-            ],
-            model=served.name,
-            threshold=result.threshold,
-            usage=_usage(result.usage),
-            timing=_timing(result.timing, started),
-        )
+        reply = pb.SegmentResponse(model=served.name, threshold=result.threshold, usage=_usage(result.usage))
+        for text in result.results:  # messages built in place: one per sentence, thousands in a long text
+            segmented = reply.results.add()
+            add = segmented.sentences.add
+            for s in text.sentences:
+                add(text=s.text, start=s.start, end=s.end)
+            if text.probabilities:
+                segmented.probabilities.extend(text.probabilities)
+        reply.timing.CopyFrom(_timing(result.timing, started))
+        return reply
 
     # ------------------------------------------------------------------------------------ embed, fill-mask
 

@@ -48,15 +48,16 @@ class Usage:
 @dataclass(frozen=True)
 class Timing:
     queue_ms: float  # the longest any of the request's items waited in the queue
-    inference_ms: float  # the longest batch run any of its items took part in
+    inference_ms: float  # the sum of the runs of the batches its items took part in, each counted once
 
     @classmethod
     def of(cls, items: Sequence[Timed[Any]]) -> Timing:
         if not items:
             return cls(0.0, 0.0)
+        runs = {item.batch: item.run_seconds for item in items}
         return cls(
             queue_ms=1000 * max(item.queue_seconds for item in items),
-            inference_ms=1000 * max(item.run_seconds for item in items),
+            inference_ms=1000 * sum(runs.values()),
         )
 
 

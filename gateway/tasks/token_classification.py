@@ -14,6 +14,7 @@ depends on what else is in the batch; ours does not), and every newline in the i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -131,7 +132,7 @@ def split_points(text: str, char_probs: np.ndarray, threshold: float) -> list[in
     """Sentence ends (exclusive) after each character above the threshold and at each newline, each moved
     past the whitespace that follows."""
     cuts = set(np.flatnonzero(char_probs > threshold).tolist())
-    cuts |= {i for i, ch in enumerate(text) if ch == "\n"}
+    cuts.update(match.start() for match in re.finditer("\n", text))
     ends: list[int] = []
     for index in sorted(cuts):
         end = index + 1
@@ -294,7 +295,7 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
             ends = limit_length(split_points(text, char_probs, threshold), char_probs, request.max_length)
             starts = [0, *ends[:-1]]
             sentences = [Sentence(text[a:b], a, b) for a, b in zip(starts, ends, strict=True) if b > a]
-            probabilities = [float(p) for p in char_probs] if request.return_probabilities else None
+            probabilities = char_probs.tolist() if request.return_probabilities else None
             results.append(SegmentedText(sentences, probabilities))
         tokens = sum(b - a + 2 for plan in plans for a, b in plan)
         return SegmentOutput(results, threshold, Usage(tokens), Timing.of(timed))

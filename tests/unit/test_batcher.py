@@ -199,3 +199,20 @@ async def test_padding_ratio_keeps_far_lengths_apart() -> None:
     # together: 3 x 100 padded tokens for 122 real ones; apart: 2 x 12 for 22, and 100 for 100
     assert sorted(sorted(b) for b in run.batches) == [[1, 2], [3]]
     await batcher.close()
+
+
+async def test_a_request_over_several_batches_counts_each_batch_once() -> None:
+    """Timing.inference_ms of a request: the runs of the batches its items took part in, each once."""
+    from gateway.tasks.base import Timing
+
+    run = Recorder()
+    stats: list[BatchStats] = []
+    batcher = DynamicBatcher("test", run, BatcherSettings(max_batch_size=2), stats.append)
+    batcher.start()
+    timed = await batcher.submit_all([(i, 10) for i in range(5)])
+    assert [t.value for t in timed] == [0, 2, 4, 6, 8]
+    assert [len(b) for b in run.batches] == [2, 2, 1]
+    assert len({t.batch for t in timed}) == 3
+    runs = [s.run_seconds for s in stats]
+    assert Timing.of(timed).inference_ms == pytest.approx(1000 * sum(runs))
+    await batcher.close()
