@@ -211,12 +211,19 @@ async def test_every_rpc_answers_as_in_process(stub: Stub, triton_channel: grpc.
         got = _answer(await getattr(remote, rpc)(request))
         _close(got, want, rpc)
     requests = [
-        pb.TranslateRequest(texts=[text], source_lang="eng_Latn", target_lang="fra_Latn", model="nllb-demo")
-        for text in TEXTS
+        pb.TranslateRequest(
+            texts=[text], source_lang="eng_Latn", target_lang="fra_Latn", model="nllb-demo", request_id=str(i)
+        )
+        for i, text in enumerate(TEXTS)
     ]
-    want_stream = [_answer(r) for r in [r async for r in stub.TranslateStream(iter(requests))]]
-    got_stream = [_answer(r) for r in [r async for r in remote.TranslateStream(iter(requests))]]
-    _close(got_stream, want_stream, "TranslateStream")
+
+    async def stream(on: Stub) -> list[Any]:
+        """Replies come as they finish: matched to their requests by request_id."""
+        replies = [r async for r in on.TranslateStream(iter(requests))]
+        assert sorted(r.request_id for r in replies) == sorted(r.request_id for r in requests)
+        return [_answer(r) for r in sorted(replies, key=lambda r: int(r.request_id))]
+
+    _close(await stream(remote), await stream(stub), "TranslateStream")
     listed = await remote.ListModels(pb.ListModelsRequest())
     backends = {m.name: (m.backend, m.provider) for m in listed.models}
     assert backends["nllb-demo"] == ("triton", "triton:nllb-demo-fp32")
