@@ -93,6 +93,8 @@ class OnnxRuntimeBackend:
         self._input_names = {spec.name for spec in self._inputs}
         self._runner = self._cuda_runner() if self.device != "cpu" else None
         self.keep_outputs = self.device != "cpu"  # BoundBackend
+        # Where kept outputs live, as OrtValue and IO binding name it.
+        self._ort_device = ("cpu", 0) if self.device == "cpu" else ("cuda", settings.device_id)
 
     def _cuda_runner(self) -> Any:
         from gateway.backends.ort_cuda import IoBindingRunner
@@ -141,7 +143,7 @@ class OnnxRuntimeBackend:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in host:
             binding.bind_output(name, "cpu")
-        device, device_id = self._ort_device()
+        device, device_id = self._ort_device
         for name in kept:
             binding.bind_output(name, device, device_id)
         self.session.run_with_iobinding(binding)
@@ -159,13 +161,8 @@ class OnnxRuntimeBackend:
         return np.asarray(value.numpy())
 
     def to_device(self, array: np.ndarray) -> Any:
-        device, device_id = self._ort_device()
+        device, device_id = self._ort_device
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, device_id)
-
-    def _ort_device(self) -> tuple[str, int]:
-        if self.device == "cpu":
-            return "cpu", 0
-        return "cuda", int(self.device.split(":", 1)[1])
 
     async def close(self) -> None:
         self._runner = None

@@ -86,6 +86,8 @@ class _Decoder:
         self.first_part, self.step_part = first, step
         self.first_outputs = [spec.name for spec in first.outputs]
         self.step_outputs = [spec.name for spec in step.outputs]
+        parts = (self.first_outputs, self.step_outputs)
+        self.kept = tuple([n for n in out if n != "logits"] for out in parts)  # each part's cache outputs
         self.bound: tuple[BoundBackend, BoundBackend] | None = None
         if isinstance(first, BoundBackend) and isinstance(step, BoundBackend):
             self.bound = (first, step) if first.keep_outputs and step.keep_outputs else None
@@ -95,8 +97,7 @@ class _Decoder:
     async def _run(self, part: int, inputs: dict[str, Any]) -> np.ndarray:
         """Run the first part (0) or the step part (1); update the cache; return the last logits."""
         backend = (self.first_part, self.step_part)[part]
-        names = (self.first_outputs, self.step_outputs)[part]
-        kept = [name for name in names if name != "logits"]
+        names, kept = (self.first_outputs, self.step_outputs)[part], self.kept[part]
         if self.bound is not None:
             host, cache = await self.bound[part].run_bound(inputs, ["logits"], kept)
             logits = host["logits"]
