@@ -54,6 +54,10 @@ def _torch() -> Any:
     return torch
 
 
+def _ort(device: str) -> OrtSettings:
+    return OrtSettings(device="cuda" if device.startswith("cuda") else "cpu")
+
+
 def _prepared(model: Any, precision: Precision, device: str) -> Any:
     """The model in eval mode at `precision` on `device`."""
     torch = _torch()
@@ -113,8 +117,7 @@ class OrtEncoder:
     def __init__(self, export_dir: Path, variant: str, device: str = "cpu") -> None:
         manifest = Manifest.read(export_dir)
         part = manifest.variants[variant].parts["model"]
-        settings = OrtSettings(device="cuda" if device.startswith("cuda") else "cpu")
-        self.backend = OnnxRuntimeBackend(export_dir / part.file, settings, ThreadPoolExecutor(1))
+        self.backend = OnnxRuntimeBackend(export_dir / part.file, _ort(device), ThreadPoolExecutor(1))
         self.pad_id = manifest.special_tokens.pad_id
         self.input_names = [spec.name for spec in part.inputs]
         self.name = f"onnxruntime-{variant}"
@@ -175,9 +178,8 @@ class OrtTranslator:
     def __init__(self, export_dir: Path, variant: str, device: str = "cpu") -> None:
         manifest = Manifest.read(export_dir)
         executor = ThreadPoolExecutor(1)
-        settings = OrtSettings(device="cuda" if device.startswith("cuda") else "cpu")
         parts = {
-            name: OnnxRuntimeBackend(export_dir / spec.file, settings, executor)
+            name: OnnxRuntimeBackend(export_dir / spec.file, _ort(device), executor)
             for name, spec in manifest.variants[variant].parts.items()
         }
         eos = manifest.special_tokens.eos_id

@@ -67,7 +67,8 @@ def bench(
             f"--device {' or '.join(PROFILES)}"
         )
         raise typer.Exit(1)
-    if PROFILES[device].device == "cuda":
+    on_gpu = PROFILES[device].device == "cuda"
+    if on_gpu:
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
@@ -77,7 +78,7 @@ def bench(
                 f"{', '.join(onnxruntime.get_available_providers())}"
             )
             raise typer.Exit(1)
-    if device == "cuda" and triton:
+    if on_gpu and triton:
         console.print("[bold red]error:[/] --triton runs nvidia-pytriton's CPU tritonserver: not with cuda")
         raise typer.Exit(1)
     if quick:

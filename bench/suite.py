@@ -55,7 +55,7 @@ class Profile:
     variants: tuple[str, ...]
     # encoders: name -> (texts, tokens per text without the two special tokens)
     encoder_shapes: dict[str, tuple[int, int]]
-    # translation: name -> (texts, source tokens with the language token and </s>, new tokens)
+    # translation: name -> (texts, source tokens without the language token and </s>, new tokens)
     translation_shapes: dict[str, tuple[int, int, int]]
     encoder_engines: tuple[baselines.Precision, ...]  # PyTorch's, besides ONNX Runtime on every variant
     translation_engines: tuple[tuple[baselines.Precision, bool], ...]  # the same, and a static cache?
@@ -69,7 +69,7 @@ PROFILES: dict[str, Profile] = {
         device="cpu",
         variants=("fp32", "int8"),
         encoder_shapes={"1x32": (1, 30), "32x128": (32, 126)},
-        translation_shapes={"1x32->32": (1, 32, 32), "8x32->32": (8, 32, 32)},
+        translation_shapes={"1x32->32": (1, 30, 32), "8x32->32": (8, 30, 32)},
         encoder_engines=("fp32", "int8"),
         translation_engines=(("fp32", False), ("int8", False)),
         ctranslate2=True,
@@ -80,7 +80,7 @@ PROFILES: dict[str, Profile] = {
         device="cuda",
         variants=("fp16", "fp32"),
         encoder_shapes={"1x32": (1, 30), "32x128": (32, 126), "256x128": (256, 126)},
-        translation_shapes={"1x48->48": (1, 48, 48), "8x48->48": (8, 48, 48)},
+        translation_shapes={"1x48->48": (1, 46, 48), "8x48->48": (8, 46, 48)},
         encoder_engines=("fp32", "fp16"),
         translation_engines=(("fp32", False), ("fp16", False), ("fp16", True)),
         ctranslate2=False,
@@ -306,8 +306,7 @@ async def _gateway_runs(
         # shape -> (texts, tokens per text without special tokens, new tokens)
         shapes: dict[str, tuple[int, int, int]]
         if task == "translation":
-            # the language token and </s> are the other two source tokens
-            shapes = {k: (n, source - 2, new) for k, (n, source, new) in profile.translation_shapes.items()}
+            shapes = profile.translation_shapes
             mixed = [maker.text(rng.choice((8, 16, 30, 60)), "eng_Latn", offset=i).text for i in range(64)]
         else:
             shapes = {k: (n, tokens, 0) for k, (n, tokens) in profile.encoder_shapes.items()}
@@ -412,7 +411,7 @@ def _translation_baselines(
     profile = settings.profile
     batches = {}
     for shape, (count, source_tokens, _) in profile.translation_shapes.items():
-        texts = [t.text for t in maker.texts(count, source_tokens - 2, "eng_Latn")]
+        texts = [t.text for t in maker.texts(count, source_tokens, "eng_Latn")]
         batches[shape] = [
             [source_id, *e.ids, eos] for e in tokenizer.encode_batch(texts, add_special_tokens=False)
         ]

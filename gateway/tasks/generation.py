@@ -86,8 +86,10 @@ class _Decoder:
         self.first_part, self.step_part = first, step
         self.first_outputs = [spec.name for spec in first.outputs]
         self.step_outputs = [spec.name for spec in step.outputs]
+        # each part's cache outputs, and the inputs they feed at the next step
         parts = (self.first_outputs, self.step_outputs)
-        self.kept = tuple([n for n in out if n != "logits"] for out in parts)  # each part's cache outputs
+        self.kept = tuple([n for n in out if n != "logits"] for out in parts)
+        self.feeds = tuple([n.replace("present", "past_key_values") for n in kept] for kept in self.kept)
         self.bound: tuple[BoundBackend, BoundBackend] | None = None
         if isinstance(first, BoundBackend) and isinstance(step, BoundBackend):
             self.bound = (first, step) if first.keep_outputs and step.keep_outputs else None
@@ -99,13 +101,13 @@ class _Decoder:
         backend = (self.first_part, self.step_part)[part]
         names, kept = (self.first_outputs, self.step_outputs)[part], self.kept[part]
         if self.bound is not None:
-            host, cache = await self.bound[part].run_bound(inputs, ["logits"], kept)
+            host, out = await self.bound[part].run_bound(inputs, ["logits"], kept)
             logits = host["logits"]
         else:
             out = await backend.run(inputs, names)
-            logits, cache = out["logits"], {name: out[name] for name in kept}
-        for name, value in cache.items():
-            self.cache[name.replace("present", "past_key_values")] = value
+            logits = out["logits"]
+        for name, feed in zip(kept, self.feeds[part], strict=True):
+            self.cache[feed] = out[name]
         return logits[:, -1]
 
     async def start(self, tokens: np.ndarray, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
