@@ -187,6 +187,17 @@ def serve(
         int | None, typer.Option(help="Prometheus /metrics port (default 9464, 0: off).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve TLS: the server's certificate chain (PEM); needs --tls-key.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="Require client certificates signed by this CA (mutual TLS).")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(help="API keys, one per line, re-read on SIGHUP (one key: env PGW_API_KEY)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
     """Serve exported models over gRPC (settings: file < PGW_* environment < flags)."""
@@ -205,6 +216,9 @@ def serve(
         if any(len(pair) != 2 for pair in pairs):
             raise _fail(ValueError("--model takes NAME=EXPORT_DIR"))
         models = tuple(ModelConfig(name=name, path=Path(path)) for name, path in pairs)
+    if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
+        raise _fail(ValueError("TLS needs --tls-cert and --tls-key together (--tls-client-ca adds to them)"))
+    tls = None if tls_cert is None else {"cert": tls_cert, "key": tls_key, "client_ca": tls_client_ca}
     try:
         settings = ServerConfig.load(
             config,
@@ -214,6 +228,8 @@ def serve(
             port=port,
             metrics_port=metrics_port,
             device=device,
+            tls=tls,
+            api_key_file=api_key_file,
         )
         asyncio.run(run_server(settings))
     except GatewayError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import grpc
@@ -12,21 +14,51 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gateway.client import PolyglotClient, vectors
+from gateway.client import PolyglotClient, Tls, vectors
 
 out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 Server = Annotated[str, typer.Option(help="host:port of the gateway (env PGW_SERVER).")]
 ApiKey = Annotated[str | None, typer.Option(help="API key, when the server asks for one (env PGW_API_KEY).")]
+TlsCa = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="PGW_TLS_CA", help="Use TLS; PEM file of the CA that signed the server's certificate."
+    ),
+]
+TlsCert = Annotated[
+    Path | None, typer.Option(envvar="PGW_TLS_CERT", help="Client certificate (PEM), for mutual TLS.")
+]
+TlsKey = Annotated[Path | None, typer.Option(envvar="PGW_TLS_KEY", help="Client certificate's key (PEM).")]
 Model = Annotated[str, typer.Option(help="Model name; default: the server's default for the task.")]
 DEFAULT_SERVER = "localhost:50051"
 
 
-def _call(server: str, api_key: str | None, action: Callable[[PolyglotClient], T]) -> T:
+@dataclass(frozen=True)
+class Connection:
+    """Where and how the client commands reach the gateway."""
+
+    server: str = DEFAULT_SERVER
+    api_key: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+def _call(conn: Connection, action: Callable[[PolyglotClient], T]) -> T:
     """Run one call; a gRPC error prints its status and details and exits 1."""
-    target = os.environ.get("PGW_SERVER", server) if server == DEFAULT_SERVER else server
-    with PolyglotClient(target, api_key or os.environ.get("PGW_API_KEY")) as client:
+    target = os.environ.get("PGW_SERVER", conn.server) if conn.server == DEFAULT_SERVER else conn.server
+    tls = None
+    if conn.tls_ca or conn.tls_cert or conn.tls_key:
+        tls = Tls(conn.tls_ca, conn.tls_cert, conn.tls_key)
+    key = conn.api_key or os.environ.get("PGW_API_KEY")
+    try:
+        client = PolyglotClient(target, key, tls=tls)
+    except (OSError, ValueError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from exc
+    with client:
         try:
             return action(client)
         except grpc.RpcError as exc:
@@ -47,11 +79,13 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         model: Model = "",
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
+        tls_ca: TlsCa = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
     ) -> None:
         """Translate texts."""
         reply = _call(
-            server,
-            api_key,
+            Connection(server, api_key, tls_ca, tls_cert, tls_key),
             lambda c: c.translate(
                 texts, to, source_lang=source, beam_size=beam, max_new_tokens=max_new_tokens, model=model
             ),
@@ -69,11 +103,13 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         model: Model = "",
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
+        tls_ca: TlsCa = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
     ) -> None:
         """Split texts into sentences (one per line, numbered per text)."""
         reply = _call(
-            server,
-            api_key,
+            Connection(server, api_key, tls_ca, tls_cert, tls_key),
             lambda c: c.segment(texts, model=model, threshold=threshold, max_length=max_length),
         )
         for number, result in enumerate(reply.results, 1):
@@ -90,9 +126,15 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         model: Model = "",
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
+        tls_ca: TlsCa = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
     ) -> None:
         """Per-token labels as a table, and the spans they form."""
-        reply = _call(server, api_key, lambda c: c.classify(texts, model=model, format=format, scores=scores))
+        reply = _call(
+            Connection(server, api_key, tls_ca, tls_cert, tls_key),
+            lambda c: c.classify(texts, model=model, format=format, scores=scores),
+        )
         for text, result in zip(texts, reply.results, strict=True):
             table = Table(title=text if len(text) < 80 else text[:77] + "...")
             for column in (
@@ -127,10 +169,14 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         model: Model = "",
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
+        tls_ca: TlsCa = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
     ) -> None:
         """Embed texts; prints dimensions and the first values (or --json)."""
         reply = _call(
-            server, api_key, lambda c: c.embed(texts, model=model, pooling=pooling, normalize=normalize)
+            Connection(server, api_key, tls_ca, tls_cert, tls_key),
+            lambda c: c.embed(texts, model=model, pooling=pooling, normalize=normalize),
         )
         matrix = vectors(reply)
         if as_json:
@@ -147,9 +193,15 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         model: Model = "",
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
+        tls_ca: TlsCa = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
     ) -> None:
         """Predict the masked tokens."""
-        reply = _call(server, api_key, lambda c: c.fill_mask(texts, model=model, top_k=top_k))
+        reply = _call(
+            Connection(server, api_key, tls_ca, tls_cert, tls_key),
+            lambda c: c.fill_mask(texts, model=model, top_k=top_k),
+        )
         for text, result in zip(texts, reply.results, strict=True):
             out.print(f"[bold]{text}[/]")
             for mask in result.masks:
@@ -157,9 +209,15 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
                 out.print(f"  [{mask.start}:{mask.end}] {guesses}")
 
     @models_app.command("list")
-    def list_models(server: Server = DEFAULT_SERVER, api_key: ApiKey = None) -> None:
+    def list_models(
+        server: Server = DEFAULT_SERVER,
+        api_key: ApiKey = None,
+        tls_ca: TlsCa = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
+    ) -> None:
         """The served models, their variants, devices and accuracy against fp32."""
-        reply = _call(server, api_key, lambda c: c.list_models())
+        reply = _call(Connection(server, api_key, tls_ca, tls_cert, tls_key), lambda c: c.list_models())
         table = Table(title=f"models on {server}")
         for column in ("name", "task", "variant", "runs on", "default"):
             table.add_column(column, no_wrap=column in ("name", "variant"))

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -134,6 +136,34 @@ def vectors(reply: pb.EmbedResponse) -> np.ndarray:
     )
 
 
+def channel_credentials(
+    tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: the CA that signed the server's certificate (None: the system's
+    roots), and a client certificate and key for servers that require them (mutual TLS)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs its key: pass both tls_cert and tls_key, or neither")
+
+    def read(path: str | Path | None) -> bytes | None:
+        return None if path is None else Path(path).expanduser().read_bytes()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+    )
+
+
+@dataclass(frozen=True)
+class Tls:
+    """How to reach a server over TLS (see `channel_credentials`)."""
+
+    ca: str | Path | None = None
+    cert: str | Path | None = None
+    key: str | Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.ca, self.cert, self.key)
+
+
 class _Base:
     def __init__(self, target: str, api_key: str | None, timeout: float | None) -> None:
         self.target = target
@@ -147,9 +177,17 @@ class _Base:
 class PolyglotClient(_Base):
     """Blocking client: `with PolyglotClient("localhost:50051") as client: client.translate(...)`."""
 
-    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        tls: Tls | None = None,
+    ) -> None:
         super().__init__(target, api_key, timeout)
-        self.channel = grpc.insecure_channel(target)
+        self.channel = (
+            grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, tls.credentials())
+        )
         self.stub = pb_grpc.PolyglotStub(self.channel)
 
     def __enter__(self) -> PolyglotClient:
@@ -216,9 +254,19 @@ class PolyglotClient(_Base):
 class AsyncPolyglotClient(_Base):
     """asyncio client: `async with AsyncPolyglotClient(target) as client: await client.embed(...)`."""
 
-    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        tls: Tls | None = None,
+    ) -> None:
         super().__init__(target, api_key, timeout)
-        self.channel = grpc.aio.insecure_channel(target)
+        self.channel = (
+            grpc.aio.insecure_channel(target)
+            if tls is None
+            else grpc.aio.secure_channel(target, tls.credentials())
+        )
         self.stub = pb_grpc.PolyglotStub(self.channel)
 
     async def __aenter__(self) -> AsyncPolyglotClient:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -18,6 +18,7 @@ from pydantic_settings import (
 
 from gateway.batcher import BatcherSettings
 from gateway.errors import InvalidInput
+from gateway.tasks.base import TextLimits
 
 Device = Literal["cpu", "cuda"]
 
@@ -47,7 +48,44 @@ class BatchingConfig(_Frozen):
 class LimitsConfig(_Frozen):
     max_texts: int = Field(256, ge=1)  # texts per request
     max_text_chars: int = Field(20000, ge=1)  # characters per text
+    max_request_chars: int = Field(1_000_000, ge=1)  # characters of all texts of a request together
     max_new_tokens: int = Field(256, ge=1)  # translation, per text
+    max_in_flight: int = Field(1024, ge=1)  # RPCs being served at once, all models together
+    max_in_flight_per_model: int = Field(256, ge=1)  # requests of one model at once (a stream's each count)
+    max_masks: int = Field(16, ge=1)  # FillMask: mask tokens per text
+    max_reply_chars: int = Field(4_000_000, ge=1)  # FillMask: text its `sequence`s repeat, all together
+
+    def text_limits(self) -> TextLimits:
+        return TextLimits(
+            max_texts=self.max_texts,
+            max_chars=self.max_text_chars,
+            max_request_chars=self.max_request_chars,
+            max_in_flight=self.max_in_flight_per_model,
+            max_masks=self.max_masks,
+            max_reply_chars=self.max_reply_chars,
+        )
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest request worth parsing: every character of a request at 4 bytes (UTF-8's most), and
+        room for the rest of the message."""
+        return 4 * self.max_request_chars + 64 * 1024
+
+
+class TlsConfig(_Frozen):
+    """PEM files: the server's certificate chain and private key, and, for mutual TLS, the CA that client
+    certificates must chain to. The metrics port serves HTTPS with the same files."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @field_validator("cert", "key", "client_ca")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"{value} is not a file")
+        return None if value is None else value.expanduser()
 
 
 class TritonConfig(_Frozen):
@@ -71,6 +109,7 @@ class ModelConfig(_Frozen):
     # backend triton: the model's name in Triton; default `<export directory name>-<variant>`, as
     # `pgw export --triton` names it
     triton_model: str | None = None
+    max_in_flight: int | None = Field(None, ge=1)  # requests at once; default limits.max_in_flight_per_model
 
 
 class ServerConfig(BaseSettings):
@@ -93,8 +132,13 @@ class ServerConfig(BaseSettings):
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     triton: TritonConfig = TritonConfig()
+    # SIGTERM: health turns NOT_SERVING, requests are still taken for drain_seconds (so that load balancers
+    # notice), then no new ones, and those accepted get grace_seconds to finish. SIGINT skips the drain.
+    drain_seconds: float = Field(5.0, ge=0)
     grace_seconds: float = Field(10.0, ge=0)
     api_key: str | None = None  # when set, clients send `authorization: Bearer <key>`
+    api_key_file: Path | None = None  # one key per line; re-read on SIGHUP
+    tls: TlsConfig | None = None
 
     _yaml_values: ClassVar[dict[str, Any]] = {}
 
@@ -128,5 +172,11 @@ class ServerConfig(BaseSettings):
         cls._yaml_values = values
         try:
             return cls(**{k: v for k, v in flags.items() if v is not None})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'config'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise InvalidInput(f"invalid settings: {problems}") from None
         finally:
             cls._yaml_values = {}

@@ -25,3 +25,13 @@ class ModelNotReady(GatewayError):
 
 class ExportError(GatewayError):
     """An export step failed or a variant fell outside its accuracy bound."""
+
+
+def shown(value: object, limit: int = 100) -> str:
+    """A client's value quoted for an error message: its repr, cut to about `limit` characters, so that a
+    huge bad value never makes a huge error."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f", {len(value)} characters" if isinstance(value, str) else ""
+    return f"{text[: limit - 1]}…{size}"

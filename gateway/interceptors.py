@@ -1,20 +1,30 @@
-"""One place where domain errors become gRPC status codes, API keys are checked, request ids are stamped and
-per-rpc metrics are recorded.
+"""One place where every RPC is checked and accounted for, in this order: request id, API key (before
+anything else looks at the request), admission (the server's bound on RPCs in flight, and shutdown), the
+deadline, then the handler, whose domain errors become gRPC status codes here.
+
+It wraps all four kinds of handler and refuses any other (fail closed); only the health service stays open
+without a key, for probes. A request that does not parse is INVALID_ARGUMENT, not a crash in gRPC.
+Metrics labels only ever take the names of served models: a client's string never becomes a label.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from gateway.admission import Admission
+from gateway.auth import ApiKeys
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, Overloaded
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +35,10 @@ STATUS: dict[type[GatewayError], grpc.StatusCode] = {
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
 }
 REQUEST_ID = "x-request-id"
-_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_OPEN_METHODS = ("/grpc.health.v1.Health/",)
+_NO_MODEL = "-"  # the label of requests that name no model (and of those refused before anyone looked)
+# A unary request is given up this long before its deadline (2% of the time left, within these bounds).
+_DEADLINE_MARGIN_MIN, _DEADLINE_MARGIN_MAX = 0.005, 0.05
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -37,20 +50,57 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
 
 
 def client_message(exc: BaseException, request_id: str) -> str:
-    """Domain errors speak to the client; anything else is logged here and reported without internals."""
+    """Domain errors speak to the client; anything else is logged by the caller and reported without
+    internals."""
     if isinstance(exc, GatewayError):
         return str(exc)
     return f"internal error (request id {request_id}); the server log has the details"
 
 
-ModelLabel = Callable[[str, Any], str]  # (rpc name, request message) -> model label for metrics
+ModelLabel = Callable[[str, Any], str]  # (rpc name, request message) -> the served model's name, or "-"
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request that does not parse becomes, so that the interceptor can answer INVALID_ARGUMENT."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return Undecodable(f"{type(exc).__name__}: {exc}"[:200])
+
+    return deserialize
+
+
+def _refuse_undecodable(request: Any, rpc: str, index: int | None = None) -> None:
+    if isinstance(request, Undecodable):
+        where = "the request" if index is None else f"message {index} of the stream"
+        log.warning("%s: %s is not a valid protobuf message (%s)", rpc, where, request.error)
+        raise InvalidInput(f"{where} is not a valid {rpc} request message: it does not parse")
 
 
 class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, metrics: Metrics, model_label: ModelLabel, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        model_label: ModelLabel,
+        keys: ApiKeys | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self.metrics = metrics
         self.model_label = model_label
-        self.api_key = api_key
+        self.keys = keys or ApiKeys()
+        self.admission = admission or Admission(max_in_flight=1 << 30)
+        # Request ids: a random prefix per process and a counter (uuid4 per request costs a system call).
+        self._id_prefix, self._ids = uuid.uuid4().hex[:12], itertools.count()
 
     async def intercept_service(
         self,
@@ -62,76 +112,209 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or method.startswith(_OPEN_METHODS):
             return handler
         rpc = method.rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(rpc, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(rpc, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        kinds: dict[str, tuple[Callable[..., grpc.RpcMethodHandler], Callable[[str, Any], Any]]] = {
+            "unary_unary": (grpc.unary_unary_rpc_method_handler, self._unary_unary),
+            "unary_stream": (grpc.unary_stream_rpc_method_handler, self._unary_stream),
+            "stream_unary": (grpc.stream_unary_rpc_method_handler, self._stream_unary),
+            "stream_stream": (grpc.stream_stream_rpc_method_handler, self._stream_stream),
+        }
+        for kind, (make, wrap) in kinds.items():
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return make(
+                    wrap(rpc, behavior),
+                    request_deserializer=_tolerant(handler.request_deserializer),
+                    response_serializer=handler.response_serializer,
+                )
+        log.error("%s: a handler of an unknown kind is refused", method)
+        return grpc.unary_unary_rpc_method_handler(self._refused)
 
-    def _count_tokens(self, rpc: str, request: Any, response: Any) -> None:
-        """Every reply carries its usage; count it under the request's model."""
+    async def _refused(self, request: Any, context: aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not served")
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _count_tokens(self, label: str, response: Any) -> None:
+        """Every reply carries its usage; count it under the reply's model (a served model's name)."""
         if "usage" in response.DESCRIPTOR.fields_by_name and response.HasField("usage"):
             usage = response.usage
-            self.metrics.count_tokens(self.model_label(rpc, request), usage.input_tokens, usage.output_tokens)
+            model = getattr(response, "model", "") or label
+            self.metrics.count_tokens(model, usage.input_tokens, usage.output_tokens)
 
-    def _start(self, context: aio.ServicerContext) -> str:
+    @contextmanager
+    def _admitted(self, rpc: str, context: aio.ServicerContext, outcome: Outcome) -> Iterator[str]:
+        """Request id and API key first; then admission and the deadline; yields the request id."""
         metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get(REQUEST_ID) or uuid.uuid4().hex)
+        request_id = str(metadata.get(REQUEST_ID) or f"{self._id_prefix}-{next(self._ids)}")[:128]
         context.set_trailing_metadata(((REQUEST_ID, request_id),))
-        return request_id
-
-    async def _authorize(self, context: aio.ServicerContext) -> None:
-        if self.api_key is None:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get("authorization") != f"Bearer {self.api_key}":
-            await context.abort(
+        if not self.keys.allows(metadata.get("authorization")):
+            outcome.code = "UNAUTHENTICATED"
+            raise _Abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong API key: send `authorization: Bearer <key>`",
             )
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the deadline passed before the request reached the server")
+        with self.admission.admit(), self.metrics.in_flight():
+            yield request_id
 
-    @asynccontextmanager
-    async def _guard(self, rpc: str, label: str, context: aio.ServicerContext) -> AsyncIterator[None]:
-        """Request id, API key, per-rpc metrics, and domain errors turned into status codes."""
-        request_id = self._start(context)
-        with self.metrics.request(rpc, label) as outcome:
-            try:
-                await self._authorize(context)
-                yield
-            except aio.AbortError:
-                outcome.code = context.code().name if context.code() else "UNKNOWN"
-                raise
-            except Exception as exc:
-                code = status_of(exc)
-                outcome.code = code.name
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed (request id %s)", rpc, request_id)
-                await context.abort(code, client_message(exc, request_id))
+    async def _fail(
+        self, exc: BaseException, rpc: str, request_id: str, context: aio.ServicerContext, outcome: Outcome
+    ) -> None:
+        """Turn an error into the call's status, recorded in `outcome`."""
+        if isinstance(exc, _Abort):
+            outcome.code = exc.code.name
+            await context.abort(exc.code, exc.details)
+        code = status_of(exc)
+        outcome.code = code.name
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed (request id %s)", rpc, request_id, exc_info=exc)
+        await context.abort(code, client_message(exc, request_id))
 
-    def _unary(self, rpc: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _departed(self, context: aio.ServicerContext, outcome: Outcome) -> None:
+        """The handler was cancelled: the client went away, or its deadline passed."""
+        remaining = context.time_remaining()
+        outcome.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+    # ---------------------------------------------------------------------------------------- handlers
+
+    def _unary_unary(
+        self, rpc: str, behavior: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
-            async with self._guard(rpc, self.model_label(rpc, request), context):
-                response = await behavior(request, context)
-                self._count_tokens(rpc, request, response)
-            return response
+            label = _NO_MODEL
+            with self.metrics.request(rpc) as outcome:
+                request_id = ""
+                try:
+                    with self._admitted(rpc, context, outcome) as request_id:
+                        _refuse_undecodable(request, rpc)
+                        label = self.model_label(rpc, request)
+                        outcome.model = label
+                        async with _answer_before_deadline(context):
+                            response = await behavior(request, context)
+                    self._count_tokens(label, response)
+                    return response
+                except aio.AbortError:
+                    outcome.code = _aborted(context)
+                    raise
+                except asyncio.CancelledError:
+                    self._departed(context, outcome)
+                    raise
+                except Exception as exc:
+                    await self._fail(exc, rpc, request_id, context, outcome)
 
         return wrapped
 
-    def _stream(
+    def _unary_stream(
+        self, rpc: str, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            with self.metrics.request(rpc) as outcome:
+                request_id = ""
+                try:
+                    with self._admitted(rpc, context, outcome) as request_id:
+                        _refuse_undecodable(request, rpc)
+                        label = self.model_label(rpc, request)
+                        outcome.model = label
+                        async for response in behavior(request, context):
+                            self._count_tokens(label, response)
+                            yield response
+                except aio.AbortError:
+                    outcome.code = _aborted(context)
+                    raise
+                except asyncio.CancelledError:
+                    self._departed(context, outcome)
+                    raise
+                except Exception as exc:
+                    await self._fail(exc, rpc, request_id, context, outcome)
+
+        return wrapped
+
+    def _stream_unary(
+        self, rpc: str, behavior: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(requests: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
+            with self.metrics.request(rpc) as outcome:
+                request_id = ""
+                try:
+                    with self._admitted(rpc, context, outcome) as request_id:
+                        response = await behavior(_checked(requests, rpc), context)
+                    self._count_tokens(_NO_MODEL, response)
+                    return response
+                except aio.AbortError:
+                    outcome.code = _aborted(context)
+                    raise
+                except asyncio.CancelledError:
+                    self._departed(context, outcome)
+                    raise
+                except Exception as exc:
+                    await self._fail(exc, rpc, request_id, context, outcome)
+
+        return wrapped
+
+    def _stream_stream(
         self, rpc: str, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._guard(rpc, "stream", context):
-                async for response in behavior(requests, context):
-                    self._count_tokens(rpc, response, response)
-                    yield response
+            with self.metrics.request(rpc) as outcome:
+                request_id = ""
+                try:
+                    with self._admitted(rpc, context, outcome) as request_id:
+                        async for response in behavior(_checked(requests, rpc), context):
+                            self._count_tokens(_NO_MODEL, response)
+                            yield response
+                except aio.AbortError:
+                    outcome.code = _aborted(context)
+                    raise
+                except asyncio.CancelledError:
+                    self._departed(context, outcome)
+                    raise
+                except Exception as exc:
+                    await self._fail(exc, rpc, request_id, context, outcome)
 
         return wrapped
+
+
+@asynccontextmanager
+async def _answer_before_deadline(context: aio.ServicerContext) -> AsyncIterator[None]:
+    """Give up a unary request just before its deadline and say so (DEADLINE_EXCEEDED with a message):
+    left to gRPC, the deadline would cancel the call, which the client may see as a bare CANCELLED."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        yield
+        return
+    margin = min(_DEADLINE_MARGIN_MAX, max(_DEADLINE_MARGIN_MIN, remaining * 0.02))
+    timeout = asyncio.timeout(max(remaining - margin, 0))
+    try:
+        async with timeout:
+            yield
+    except TimeoutError:
+        if not timeout.expired():
+            raise
+        raise DeadlineExceeded(
+            "the request did not finish within its deadline; retry with a longer deadline or fewer texts"
+        ) from None
+
+
+class _Abort(Exception):
+    """A refusal decided here (not a domain error): its code and details go to the client as they are."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _aborted(context: aio.ServicerContext) -> str:
+    code = context.code()
+    return str(code.name) if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+async def _checked(requests: AsyncIterator[Any], rpc: str) -> AsyncIterator[Any]:
+    """The stream's messages; one that does not parse ends the stream with INVALID_ARGUMENT."""
+    index = 0
+    async for request in requests:
+        _refuse_undecodable(request, rpc, index)
+        yield request
+        index += 1

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, shown
 
 
 @cache
@@ -35,10 +35,13 @@ def resolve_language(code: str, available: Sequence[str], field: str = "language
         return resolved
     if not wanted:
         raise InvalidInput(f"{field}: a language code is required, e.g. eng_Latn or en")
-    close = difflib.get_close_matches(wanted.lower(), list(known), n=3, cutoff=0.5)
+    # Codes are short: a long value is no typo of one, and comparing it with every code would cost time.
+    close = (
+        difflib.get_close_matches(wanted.lower(), list(known), n=3, cutoff=0.5) if len(wanted) < 40 else []
+    )
     hint = (
         f"; did you mean {', '.join(known[c] for c in close)}?"
         if close
         else "; use FLORES-200 codes like eng_Latn"
     )
-    raise InvalidInput(f"{field}: unknown language code {code!r}{hint}")
+    raise InvalidInput(f"{field}: unknown language code {shown(code)}{hint}")

@@ -11,10 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from gateway.batcher import BatchStats
+from gateway.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from gateway.config import TlsConfig
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -23,9 +28,11 @@ _BATCH_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
 
 @dataclass
 class Outcome:
-    """Set `code` to the gRPC status name before the request context closes."""
+    """Set `code` to the gRPC status name, and `model` to the served model's name once known, before the
+    request context closes."""
 
     code: str = "OK"
+    model: str = "-"
 
 
 class Metrics:
@@ -34,6 +41,9 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "pgw_requests", "Requests by rpc, model and status code.", ["rpc", "model", "code"], registry=r
+        )
+        self.requests_in_flight = Gauge(
+            "pgw_requests_in_flight", "RPCs admitted and not yet answered.", registry=r
         )
         self.request_seconds = Histogram(
             "pgw_request_duration_seconds",
@@ -89,15 +99,24 @@ class Metrics:
         )
 
     @contextmanager
-    def request(self, rpc: str, model: str) -> Iterator[Outcome]:
-        """Time one rpc and count it by the status code left in the outcome."""
+    def request(self, rpc: str) -> Iterator[Outcome]:
+        """Time one rpc and count it by the model and status code left in the outcome."""
         outcome = Outcome()
         started = time.perf_counter()
         try:
             yield outcome
         finally:
-            self.request_seconds.labels(rpc, model).observe(time.perf_counter() - started)
-            self.requests.labels(rpc, model, outcome.code).inc()
+            self.request_seconds.labels(rpc, outcome.model).observe(time.perf_counter() - started)
+            self.requests.labels(rpc, outcome.model, outcome.code).inc()
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """One admitted rpc, for the in-flight gauge."""
+        self.requests_in_flight.inc()
+        try:
+            yield
+        finally:
+            self.requests_in_flight.dec()
 
     def batch_observer(self, model: str, variant: str) -> Callable[[BatchStats], None]:
         """A DynamicBatcher observer recording its batches under (model, variant)."""
@@ -131,9 +150,18 @@ class Metrics:
     ) -> None:
         self.model_info.labels(model, task, variant, backend, device, provider).set(1)
 
-    def serve_http(self, host: str, port: int) -> Callable[[], None]:
-        """Expose /metrics on host:port; returns a function that stops the HTTP server."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, tls: TlsConfig | None = None) -> Callable[[], None]:
+        """Expose /metrics on host:port (HTTPS with `tls`, client certificates required when it names a
+        client CA); returns a function that stops the HTTP server."""
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {"certfile": str(tls.cert), "keyfile": str(tls.key)}
+            if tls.client_ca is not None:
+                options |= {"client_cafile": str(tls.client_ca), "client_auth_required": True}
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry, **options)
+        except OSError as exc:
+            raise InvalidInput(f"metrics port {host}:{port}: cannot listen ({exc.strerror})") from exc
 
         def stop() -> None:
             server.shutdown()

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, shown
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import BatchedTask
 from gateway.tasks.embedding import EmbeddingModel, FillMaskModel
@@ -72,9 +72,9 @@ class Registry:
         entry = self._by_name.get(name)
         if entry is None:
             known = ", ".join(n for n, e in self._by_name.items() if e.task == task) or "none"
-            raise InvalidInput(f"model: unknown model {name!r}; {task} models here: {known}")
+            raise InvalidInput(f"model: unknown model {shown(name)}; {task} models here: {known}")
         if entry.task != task:
-            raise InvalidInput(f"model: {name!r} is a {entry.task} model, not a {task} model")
+            raise InvalidInput(f"model: {shown(name)} is a {entry.task} model, not a {task} model")
         return entry
 
     def get(self, kind: type[M], task: str, name: str) -> M:
@@ -83,12 +83,14 @@ class Registry:
         return model
 
     def label(self, rpc: str, request: Any) -> str:
-        """The metrics label of a request's model: its name, or the default it will get."""
+        """The metrics label of a request's model: a served model's name (the one it names, or the default
+        it will get), "-" when it names none, "unknown" when it names one not served here. Never the
+        client's string itself, so that labels stay few whatever clients send."""
         name = str(getattr(request, "model", "") or "")
+        if name:
+            return name if name in self._by_name else "unknown"
         task = RPC_TASKS.get(rpc)
-        if name or task is None:
-            return name or "-"
-        return self._defaults.get(task, "-")
+        return self._defaults.get(task, "-") if task is not None else "-"
 
     async def close(self) -> None:
         for entry in self._by_name.values():

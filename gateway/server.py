@@ -7,18 +7,23 @@ the batchers drain, then the process exits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.admission import Admission
+from gateway.auth import ApiKeys
 from gateway.backends.onnxruntime import OrtSettings
 from gateway.batcher import DynamicBatcher
 from gateway.config import ModelConfig, ServerConfig
@@ -30,7 +35,7 @@ from gateway.pb.polyglot.v1 import polyglot_pb2, polyglot_pb2_grpc
 from gateway.registry import Registry, Served
 from gateway.runtime import LoadedModel, load_model, load_triton_model
 from gateway.servicer import PolyglotServicer
-from gateway.tasks.base import BatchedTask, TextLimits
+from gateway.tasks.base import BatchedTask
 from gateway.tasks.embedding import EmbeddingModel, FillMaskModel
 from gateway.tasks.token_classification import TokenClassificationModel
 from gateway.tasks.translation import TranslationModel
@@ -78,7 +83,9 @@ def _task_model(
 ) -> BatchedTask[Any, Any]:
     settings = (model.batching or config.batching).settings(remote=model.backend == "triton")
     observer = metrics.batch_observer(model.name, loaded.variant.name)
-    limits = TextLimits(max_texts=config.limits.max_texts, max_chars=config.limits.max_text_chars)
+    limits = config.limits.text_limits()
+    if model.max_in_flight is not None:
+        limits = dataclasses.replace(limits, max_in_flight=model.max_in_flight)
     task = loaded.manifest.task
     if task == "translation":
         return TranslationModel(
@@ -160,12 +167,21 @@ class GatewayServer:
         self, config: ServerConfig, registry: Registry | None = None, metrics: Metrics | None = None
     ) -> None:
         self.config = config
+        self.keys = ApiKeys(config.api_key, config.api_key_file)
         self.metrics = metrics or Metrics()
         self.registry = registry or build_registry(config, self.metrics)
+        self.admission = Admission(config.limits.max_in_flight)
         self.health = health.aio.HealthServicer()
+        interceptor = GatewayInterceptor(self.metrics, self.registry.label, self.keys, self.admission)
         self.server = aio.server(
-            interceptors=[GatewayInterceptor(self.metrics, self.registry.label, config.api_key)],
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+            interceptors=[interceptor],
+            options=[
+                # A request is parsed only when it can be within the limits (a few MB by default).
+                ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+                # Never share a port with another process: a second server on it must fail, not split
+                # the connections with the first.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         polyglot_pb2_grpc.add_PolyglotServicer_to_server(PolyglotServicer(self.registry), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -175,24 +191,68 @@ class GatewayServer:
         self._serving: dict[str, bool] = {}
         self._watch: asyncio.Task[None] | None = None
         self._stop_metrics: Callable[[], None] | None = None
+        self._stopping = False
         self._stopped = asyncio.Event()
+
+    def _bind(self) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        tls = self.config.tls
+        try:
+            if tls is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                ca = tls.client_ca.read_bytes() if tls.client_ca else None
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                    root_certificates=ca,
+                    require_client_auth=ca is not None,
+                )
+                port = self.server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise InvalidInput(
+                f"cannot listen on {address}: {exc}; is another server using the port?"
+            ) from exc
+        if not port:
+            raise InvalidInput(f"cannot listen on {address}: is another server using the port?")
+        return int(port)
 
     async def start(self) -> int:
         """Start the models and the server; returns the bound gRPC port."""
+        self.port = self._bind()
+        if self.config.metrics_port:
+            self._stop_metrics = self.metrics.serve_http(
+                self.config.metrics_host, self.config.metrics_port, self.config.tls
+            )
         for entry in self.registry.all():
             await entry.loaded.start()
             entry.model.start()
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE, serving)
         await self._update_health()
         self._watch = asyncio.create_task(self._watch_health(), name="model-health")
-        if self.config.metrics_port:
-            self._stop_metrics = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
+        self._log_security()
         log.info("serving %s on %s:%d", SERVICE, self.config.host, self.port)
         return self.port
+
+    def _log_security(self) -> None:
+        tls, keys = self.config.tls, self.keys
+        if keys.enabled:
+            where = f", file {keys.file} (re-read on SIGHUP)" if keys.file else ""
+            log.info("auth: API keys required (%d keys%s)", len(keys), where)
+        else:
+            log.info("auth: off (no api_key or api_key_file)")
+        if tls is None:
+            log.info("TLS: off")
+        else:
+            log.info("TLS: on%s", ", client certificates required (mutual TLS)" if tls.client_ca else "")
+        if tls is None and not keys.enabled and self.config.host in ("0.0.0.0", "::", "[::]", ""):
+            log.warning(
+                "listening on every interface with neither TLS nor an API key: anyone who can reach this "
+                "machine can use the models. Use --host 127.0.0.1 for local use, or configure tls and "
+                "api_key / api_key_file."
+            )
 
     async def _update_health(self) -> None:
         """Each model's health follows its backend: NOT_SERVING while Triton has it nowhere ready."""
@@ -216,28 +276,49 @@ class GatewayServer:
             await asyncio.sleep(HEALTH_POLL_SECONDS)
             await self._update_health()
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, let in-flight requests finish, then release the models."""
-        if self._stopped.is_set():
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Health NOT_SERVING; keep taking requests for `drain` seconds (so that load balancers notice);
+        then take no new ones and let the accepted ones finish within `grace` seconds; release the models.
+        Defaults: the config's drain_seconds and grace_seconds."""
+        if self._stopping:
+            await self._stopped.wait()
             return
+        self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        drain = self.config.drain_seconds if drain is None else drain
+        grace = self.config.grace_seconds if grace is None else grace
+        if drain > 0:
+            log.info("shutting down: health NOT_SERVING, still taking requests for %.1f s", drain)
+            await asyncio.sleep(drain)
+        self.admission.stop_accepting()
+        started = time.monotonic()
+        log.info("shutting down: no new requests; %d in flight", self.admission.in_flight)
+        if not await self.admission.wait_idle(grace):
+            log.warning(
+                "shutting down: %d requests still running after the %.1f s grace are cancelled",
+                self.admission.in_flight,
+                grace,
+            )
+        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
         await self.registry.close()
         if self._stop_metrics is not None:
             self._stop_metrics()
         self._stopped.set()
+        log.info("stopped")
 
     async def wait(self) -> None:
         await self._stopped.wait()
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM (drain, then stop) or SIGINT (stop without the drain); SIGHUP re-reads the API
+    key file."""
     server = GatewayServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop()))
+    loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop(drain=0)))
+    loop.add_signal_handler(signal.SIGHUP, server.keys.reload)
     await server.wait()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal, TypeVar
 
 from grpc import aio
 
 from gateway.errors import GatewayError, InvalidInput
-from gateway.interceptors import status_of
+from gateway.interceptors import client_message, status_of
+from gateway.offload import off_loop
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
 from gateway.registry import Registry, Served
@@ -20,6 +23,8 @@ from gateway.tasks import translation as tr
 from gateway.tasks.base import Timing, Usage
 
 E = TypeVar("E", bound=str)
+log = logging.getLogger(__name__)
+STREAM_WINDOW = 64  # requests of one TranslateStream read ahead of their replies
 _FORMATS: dict[int, Literal["labels", "bio", "bioes"]] = {
     pb.LABEL_FORMAT_UNSPECIFIED: "labels",
     pb.LABEL_FORMAT_LABELS: "labels",
@@ -62,6 +67,15 @@ def _add_token_labels(field: Any, labels: list[tc.TokenLabel]) -> None:
             add(token=t.token, start=t.start, end=t.end, label=t.label, score=t.score, scores=t.scores)
         else:
             add(token=t.token, start=t.start, end=t.end, label=t.label, score=t.score)
+
+
+def _request_error(exc: Exception) -> pb.RequestError:
+    """The error of one request on a stream, as the interceptor would have made its status."""
+    if not isinstance(exc, GatewayError):
+        request_id = uuid.uuid4().hex
+        log.error("a TranslateStream request failed (error id %s)", request_id, exc_info=exc)
+        return pb.RequestError(code="INTERNAL", message=client_message(exc, request_id))
+    return pb.RequestError(code=status_of(exc).name, message=str(exc))
 
 
 def _enum(table: Mapping[int, E], value: int, field: str) -> E:
@@ -139,31 +153,49 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
     async def TranslateStream(
         self, request_iterator: AsyncIterator[pb.TranslateRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.TranslateResponse]:
-        """Requests run concurrently; each reply (or its error) is sent as soon as it is ready."""
+        """Requests run concurrently; each reply (or its error) is sent as soon as it is ready. At most
+        STREAM_WINDOW requests of one stream are read ahead of their replies (gRPC flow control does the
+        rest). A message that does not parse ends the stream (INVALID_ARGUMENT)."""
         deadline = deadline_of(context)
-        replies: asyncio.Queue[pb.TranslateResponse | None] = asyncio.Queue()
+        replies: asyncio.Queue[pb.TranslateResponse | BaseException | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        running: set[asyncio.Task[None]] = set()
 
         async def one(request: pb.TranslateRequest) -> None:
             try:
                 reply = await self._translate(request, deadline)
-            except GatewayError as exc:
-                error = pb.RequestError(code=status_of(exc).name, message=str(exc))
-                reply = pb.TranslateResponse(request_id=request.request_id, error=error)
-            await replies.put(reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every message gets a reply, whatever went wrong
+                reply = pb.TranslateResponse(request_id=request.request_id, error=_request_error(exc))
+            replies.put_nowait(reply)
 
         async def read() -> None:
-            async with asyncio.TaskGroup() as group:
+            try:
                 async for request in request_iterator:
-                    group.create_task(one(request))
-            await replies.put(None)
+                    await window.acquire()
+                    task = asyncio.create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+                replies.put_nowait(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the stream itself failed: end it with that error
+                replies.put_nowait(exc)
 
         reader = asyncio.create_task(read())
         try:
             while (reply := await replies.get()) is not None:
+                if isinstance(reply, BaseException):
+                    raise reply
                 yield reply
-            await reader
+                window.release()
         finally:
             reader.cancel()
+            for task in list(running):
+                task.cancel()
 
     # ---------------------------------------------------------------------------------------- classify
 
@@ -183,14 +215,8 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                 deadline=deadline_of(context),
             )
         )
-        reply = pb.ClassifyResponse(model=served.name, labels=result.labels, usage=_usage(result.usage))
-        for text in result.results:
-            classified = reply.results.add(truncated=text.truncated)
-            _add_token_labels(classified.tokens, text.tokens)
-            for s in text.spans:
-                classified.spans.add(label=s.label, start=s.start, end=s.end, text=s.text, score=s.score)
-        reply.timing.CopyFrom(_timing(result.timing, started))
-        return reply
+        size = sum(len(text.tokens) for text in result.results)
+        return await off_loop(size, _classify_reply, served.name, result, started)
 
     async def Segment(self, request: pb.SegmentRequest, context: aio.ServicerContext) -> pb.SegmentResponse:
         started = time.perf_counter()
@@ -207,16 +233,8 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                 deadline=deadline_of(context),
             )
         )
-        reply = pb.SegmentResponse(model=served.name, threshold=result.threshold, usage=_usage(result.usage))
-        for text in result.results:  # messages built in place: one per sentence, thousands in a long text
-            segmented = reply.results.add()
-            add = segmented.sentences.add
-            for s in text.sentences:
-                add(text=s.text, start=s.start, end=s.end)
-            if text.probabilities:
-                segmented.probabilities.extend(text.probabilities)
-        reply.timing.CopyFrom(_timing(result.timing, started))
-        return reply
+        size = sum(len(t.sentences) + len(t.probabilities or ()) // 16 for t in result.results)
+        return await off_loop(size, _segment_reply, served.name, result, started)
 
     # ------------------------------------------------------------------------------------ embed, fill-mask
 
@@ -234,15 +252,8 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                 deadline=deadline_of(context),
             )
         )
-        return pb.EmbedResponse(
-            embeddings=[
-                pb.Embedding(values=e.values.tolist(), truncated=e.truncated) for e in result.embeddings
-            ],
-            model=served.name,
-            dimensions=result.dimensions,
-            usage=_usage(result.usage),
-            timing=_timing(result.timing, started),
-        )
+        size = len(result.embeddings) * result.dimensions // 64
+        return await off_loop(size, _embed_reply, served.name, result, started)
 
     async def FillMask(
         self, request: pb.FillMaskRequest, context: aio.ServicerContext
@@ -256,30 +267,8 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                 texts=list(request.texts), top_k=request.top_k or 5, deadline=deadline_of(context)
             )
         )
-        return pb.FillMaskResponse(
-            results=[
-                pb.FilledText(
-                    masks=[
-                        pb.MaskPredictions(
-                            start=m.start,
-                            end=m.end,
-                            predictions=[
-                                pb.TokenPrediction(
-                                    token=p.token, token_id=p.token_id, score=p.score, sequence=p.sequence
-                                )
-                                for p in m.predictions
-                            ],
-                        )
-                        for m in masks
-                    ]
-                )
-                for masks in result.results
-            ],
-            model=served.name,
-            mask_token=result.mask_token,
-            usage=_usage(result.usage),
-            timing=_timing(result.timing, started),
-        )
+        size = 4 * sum(len(m.predictions) for masks in result.results for m in masks)
+        return await off_loop(size, _fill_mask_reply, served.name, result, started)
 
     # ------------------------------------------------------------------------------------------ models
 
@@ -326,3 +315,68 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
         if manifest.embedding is not None:
             info.dimensions = manifest.embedding.dimensions
         return info
+
+
+# ----------------------------------------------------------------------------------------------- replies
+# Built off the event loop when large (`off_loop`): a long Classify reply holds thousands of messages.
+
+
+def _classify_reply(model: str, result: tc.ClassifyOutput, started: float) -> pb.ClassifyResponse:
+    reply = pb.ClassifyResponse(model=model, labels=result.labels, usage=_usage(result.usage))
+    for text in result.results:
+        classified = reply.results.add(truncated=text.truncated)
+        _add_token_labels(classified.tokens, text.tokens)
+        for s in text.spans:
+            classified.spans.add(label=s.label, start=s.start, end=s.end, text=s.text, score=s.score)
+    reply.timing.CopyFrom(_timing(result.timing, started))
+    return reply
+
+
+def _segment_reply(model: str, result: tc.SegmentOutput, started: float) -> pb.SegmentResponse:
+    reply = pb.SegmentResponse(model=model, threshold=result.threshold, usage=_usage(result.usage))
+    for text in result.results:  # messages built in place: one per sentence, thousands in a long text
+        segmented = reply.results.add()
+        add = segmented.sentences.add
+        for s in text.sentences:
+            add(text=s.text, start=s.start, end=s.end)
+        if text.probabilities:
+            segmented.probabilities.extend(text.probabilities)
+    reply.timing.CopyFrom(_timing(result.timing, started))
+    return reply
+
+
+def _embed_reply(model: str, result: emb.EmbedOutput, started: float) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        embeddings=[pb.Embedding(values=e.values.tolist(), truncated=e.truncated) for e in result.embeddings],
+        model=model,
+        dimensions=result.dimensions,
+        usage=_usage(result.usage),
+        timing=_timing(result.timing, started),
+    )
+
+
+def _fill_mask_reply(model: str, result: emb.FillMaskOutput, started: float) -> pb.FillMaskResponse:
+    return pb.FillMaskResponse(
+        results=[
+            pb.FilledText(
+                masks=[
+                    pb.MaskPredictions(
+                        start=m.start,
+                        end=m.end,
+                        predictions=[
+                            pb.TokenPrediction(
+                                token=p.token, token_id=p.token_id, score=p.score, sequence=p.sequence
+                            )
+                            for p in m.predictions
+                        ],
+                    )
+                    for m in masks
+                ]
+            )
+            for masks in result.results
+        ],
+        model=model,
+        mask_token=result.mask_token,
+        usage=_usage(result.usage),
+        timing=_timing(result.timing, started),
+    )

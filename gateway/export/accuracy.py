@@ -3,10 +3,11 @@
 - token classification: label agreement over real tokens and the max absolute logit error;
 - embedding: min / mean cosine of the pooled, normalized vectors (mean and CLS pooling);
 - fill-mask: top-1 agreement and the max error of the top-k probabilities;
-- translation: greedy token agreement over 32 new tokens, and the max difference of the teacher-forced
-  log-probabilities, stepping the decoder with its key/value cache as the server does. Random-weight models
-  with tied embeddings repeat the forced language token under greedy decoding, so agreement alone says
-  nothing there; the log-probability difference does.
+- translation: greedy token agreement over up to 32 new tokens (each probe up to and including the
+  reference's end token: past it `generate()` pads and our loop repeats `</s>`), and the max difference of
+  the teacher-forced log-probabilities, stepping the decoder with its key/value cache as the server does.
+  Random-weight models with tied embeddings repeat the forced language token under greedy decoding, so
+  agreement alone says nothing there; the log-probability difference does.
 """
 
 from __future__ import annotations
@@ -333,13 +334,31 @@ def translation_report(
     width = max(expected.shape[1], got.shape[1])
     expected_new = _pad(expected, width, eos)[:, start.shape[1] :]
     got_new = _pad(got, width, eos)[:, start.shape[1] :]
+    # After a row ends, generate() pads with pad_id and our loop repeats </s>: positions past the reference's
+    # end token say nothing about the export, so each row is compared up to and including it.
+    compared = _through_end(expected_new, eos)
     logprobs = teacher_forced_logprobs(onnx_model, inputs["input_ids"], inputs["attention_mask"], expected, 2)
+    reference_logprobs = _log_softmax(forced_logits)
+    # Position p predicts token p + 1: the forced language token, then each new token up to and including
+    # the end (the last position predicts past the reference and is left out).
+    new_columns = expected.shape[1] - start.shape[1]
+    forced = np.ones((len(compared), start.shape[1] - 1), dtype=bool)
+    beyond = np.zeros((len(compared), 1), dtype=bool)
+    scored = np.concatenate([forced, compared[:, :new_columns], beyond], axis=1)
     metrics = {
-        "token_agreement": float((expected_new == got_new).mean()),
-        "max_logprob_error": float(np.abs(logprobs - _log_softmax(forced_logits)).max()),
+        "token_agreement": float((expected_new == got_new)[compared].mean()),
+        "max_logprob_error": float(np.abs(logprobs - reference_logprobs)[scored].max()),
         "new_tokens": float(expected_new.shape[1]),
+        "compared_tokens": float(compared.sum()),
     }
     return _report(metrics, {"token_agreement": bounds.min_agreement} if bounds else {}, provider)
+
+
+def _through_end(tokens: np.ndarray, eos: int) -> np.ndarray:
+    """A mask of each row's tokens up to and including its first `eos` (the whole row when it has none)."""
+    is_end = tokens == eos
+    ended_before = np.cumsum(is_end, axis=1) - is_end  # ends strictly before each position
+    return np.asarray(ended_before == 0)
 
 
 def _pad(sequences: np.ndarray, width: int, value: int) -> np.ndarray:

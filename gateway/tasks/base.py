@@ -1,13 +1,16 @@
-"""What every task reply carries: token usage and timing."""
+"""What every task model shares: request limits, admission, work off the event loop, usage and timing."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Timed
-from gateway.errors import InvalidInput
+from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Reservation, Timed
+from gateway.errors import InvalidInput, Overloaded
 from gateway.runtime import LoadedModel
 
 In = TypeVar("In")
@@ -16,24 +19,35 @@ Out = TypeVar("Out")
 
 @dataclass(frozen=True)
 class TextLimits:
-    """What one request may carry (the server's `limits` settings)."""
+    """What one request may carry, and how many requests a model takes at once (the `limits` settings)."""
 
     max_texts: int = 256
     max_chars: int = 20000  # characters per text
+    max_request_chars: int = 1_000_000  # characters of all texts of one request together
+    max_in_flight: int = 256  # requests of one model being served at once; more are RESOURCE_EXHAUSTED
+    max_masks: int = 16  # FillMask: mask tokens per text
+    max_reply_chars: int = 4_000_000  # FillMask: text repeated in `sequence`s, summed over predictions
 
     def check(self, texts: Sequence[str]) -> None:
-        """1..max_texts non-empty texts of at most max_chars characters, or InvalidInput naming the text."""
+        """1..max_texts non-empty texts within the character limits, or InvalidInput naming the text."""
         if not texts:
             raise InvalidInput("texts: at least one text is required")
         if len(texts) > self.max_texts:
             raise InvalidInput(f"texts: {len(texts)} texts exceed the limit of {self.max_texts} per request")
+        total = 0
         for index, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidInput(f"texts[{index}]: empty text")
             if len(text) > self.max_chars:
                 raise InvalidInput(
                     f"texts[{index}]: {len(text)} characters exceed the limit of {self.max_chars}"
                 )
+            if not text or text.isspace():
+                raise InvalidInput(f"texts[{index}]: empty text")
+            total += len(text)
+        if total > self.max_request_chars:
+            raise InvalidInput(
+                f"texts: {total} characters in all exceed the limit of {self.max_request_chars} per request; "
+                "split the request"
+            )
 
 
 DEFAULT_LIMITS = TextLimits()
@@ -61,8 +75,50 @@ class Timing:
         )
 
 
+class Throughput:
+    """Rows a model finishes per second of being busy, over its last few seconds of work: what admission
+    divides the work ahead of a request by. Idle time does not count, so a burst after a quiet spell is
+    judged by what the model can do, not by what it was asked to do."""
+
+    WINDOW = 5.0  # seconds of busy time remembered
+    MIN_ROWS = 16  # rows finished before the figure is trusted
+
+    def __init__(self) -> None:
+        self._finished: collections.deque[tuple[float, int]] = collections.deque()  # (busy clock, rows)
+        self._busy = 0.0  # busy seconds before the current busy spell
+        self._busy_since: float | None = None
+        self._active = 0
+
+    def _clock(self, now: float) -> float:
+        return self._busy + (now - self._busy_since if self._busy_since is not None else 0.0)
+
+    def begin(self) -> None:
+        if self._active == 0:
+            self._busy_since = time.monotonic()
+        self._active += 1
+
+    def end(self, rows: int, finished: bool) -> None:
+        now = time.monotonic()
+        clock = self._clock(now)
+        if finished:
+            self._finished.append((clock, rows))
+            while self._finished and self._finished[0][0] < clock - self.WINDOW:
+                self._finished.popleft()
+        self._active -= 1
+        if self._active == 0:
+            self._busy, self._busy_since = clock, None
+
+    def per_second(self) -> float | None:
+        rows = sum(r for _, r in self._finished)
+        if rows < self.MIN_ROWS:
+            return None
+        span = self._clock(time.monotonic()) - self._finished[0][0]
+        return rows / max(span, 0.05)
+
+
 class BatchedTask(Generic[In, Out]):
-    """What every task model shares: its exported model, request limits, and one batcher over `_run`."""
+    """What every task model shares: its exported model, request limits, admission, and one batcher over
+    `_run`."""
 
     def __init__(
         self, model: LoadedModel, settings: BatcherSettings, observer: Observer | None, limits: TextLimits
@@ -70,12 +126,58 @@ class BatchedTask(Generic[In, Out]):
         self.model = model
         self.limits = limits
         self.batcher: DynamicBatcher[In, Out] = DynamicBatcher(model.name, self._run, settings, observer)
+        self.in_flight = 0
+        self.rows_in_flight = 0
+        self.throughput = Throughput()
 
     def start(self) -> None:
         self.batcher.start()
 
     async def close(self) -> None:
         await self.batcher.close()
+
+    @contextmanager
+    def admitted(self, rows: int, deadline: float | None) -> Iterator[None]:
+        """One request of `rows` rows (texts, times their beams or samples) being served. Refused at once
+        (RESOURCE_EXHAUSTED) beyond `max_in_flight`, or when the work already in flight, at the rate the
+        model has been finishing it, would take longer than the time left before `deadline`."""
+        name = self.model.name
+        if self.in_flight >= self.limits.max_in_flight:
+            raise Overloaded(
+                f"model {name} is serving {self.in_flight} requests (max_in_flight "
+                f"{self.limits.max_in_flight}); retry with backoff"
+            )
+        if deadline is not None and self.rows_in_flight:
+            rate = self.throughput.per_second()
+            remaining = deadline - time.monotonic()
+            if rate is not None and (self.rows_in_flight + rows) / rate > remaining:
+                expected = (self.rows_in_flight + rows) / rate
+                ahead = f"{self.in_flight} request{'s' if self.in_flight > 1 else ''}"
+                raise Overloaded(
+                    f"model {name} cannot answer within the deadline: with the {ahead} in flight it needs "
+                    f"about {expected:.2f} s and {max(remaining, 0):.2f} s remain; retry with backoff"
+                )
+        self.in_flight += 1
+        self.rows_in_flight += rows
+        self.throughput.begin()
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            self.in_flight -= 1
+            self.rows_in_flight -= rows
+            self.throughput.end(rows, finished)
+
+    @contextmanager
+    def serving(self, texts: int, deadline: float | None, rows: int | None = None) -> Iterator[Reservation]:
+        """Admission of a request of `texts` items (`rows` rows in all, default one per item) and room held
+        for its items in the queue, before any work is done for it."""
+        with (
+            self.admitted(texts if rows is None else rows, deadline),
+            self.batcher.reserve(texts, deadline) as held,
+        ):
+            yield held
 
     async def _run(self, items: list[In]) -> Sequence[Out]:
         """Run one batch: one result per item, in order."""

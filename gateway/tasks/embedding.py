@@ -5,14 +5,14 @@ Each text is one batcher item; a batch pads its items to the longest and runs th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from gateway.batcher import BatcherSettings, Observer
+from gateway.batcher import BatcherSettings, Observer, Timed
 from gateway.errors import InvalidInput
+from gateway.offload import off_loop
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
 from gateway.tokenization import Encoded, pad_batch
@@ -76,6 +76,20 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
 
     async def embed(self, request: EmbedInput) -> EmbedOutput:
         self.limits.check(request.texts)
+        with self.serving(len(request.texts), request.deadline) as held:
+            encoded = await off_loop(sum(map(len, request.texts)), self._encode, request)
+            output = self._output_name(request.pooling, request.normalize)
+            timed = await self.batcher.submit_all(
+                [(_EmbedItem(e, output), len(e)) for e in encoded], request.deadline, reservation=held
+            )
+        return EmbedOutput(
+            embeddings=[Embedding(t.value, e.truncated) for t, e in zip(timed, encoded, strict=True)],
+            dimensions=self.dimensions,
+            usage=Usage(input_tokens=sum(len(e) for e in encoded)),
+            timing=Timing.of(timed),
+        )
+
+    def _encode(self, request: EmbedInput) -> list[Encoded]:
         encoded = self.model.tokenizer.encode_batch(request.texts)
         if not request.truncate:
             for index, item in enumerate(encoded):
@@ -84,16 +98,7 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
                         f"texts[{index}]: longer than the model's limit of {self.model.tokenizer.max_length} "
                         "tokens; shorten it or set truncate"
                     )
-        output = self._output_name(request.pooling, request.normalize)
-        timed = await self.batcher.submit_all(
-            [(_EmbedItem(e, output), len(e)) for e in encoded], request.deadline
-        )
-        return EmbedOutput(
-            embeddings=[Embedding(t.value, e.truncated) for t, e in zip(timed, encoded, strict=True)],
-            dimensions=self.dimensions,
-            usage=Usage(input_tokens=sum(len(e) for e in encoded)),
-            timing=Timing.of(timed),
-        )
+        return encoded
 
     async def _run(self, items: list[_EmbedItem]) -> list[np.ndarray]:
         input_ids, attention_mask = pad_batch(
@@ -162,8 +167,10 @@ class FillMaskModel(BatchedTask[_MaskItem, tuple[np.ndarray, np.ndarray]]):
         self.mask_id, self.mask_token = special.mask_id, special.mask_token
         super().__init__(model, settings, observer, limits)
 
-    def _items(self, texts: Sequence[str]) -> list[_MaskItem]:
+    def _items(self, request: FillMaskInput) -> list[_MaskItem]:
+        texts = request.texts
         items = []
+        repeated = 0  # characters the reply repeats: every prediction's `sequence` is its whole text
         for index, encoded in enumerate(self.model.tokenizer.encode_batch(texts)):
             positions = [p for p, token in enumerate(encoded.ids) if token == self.mask_id]
             if not positions:
@@ -175,25 +182,49 @@ class FillMaskModel(BatchedTask[_MaskItem, tuple[np.ndarray, np.ndarray]]):
                 raise InvalidInput(
                     f"texts[{index}] {message}; mark the word to predict with {self.mask_token}"
                 )
+            if len(positions) > self.limits.max_masks:
+                raise InvalidInput(
+                    f"texts[{index}]: {len(positions)} masks exceed the limit of {self.limits.max_masks} "
+                    "per text"
+                )
+            repeated += len(positions) * request.top_k * len(texts[index])
             items.append(_MaskItem(encoded, positions))
+        if repeated > self.limits.max_reply_chars:
+            raise InvalidInput(
+                f"the reply would repeat {repeated} characters (each prediction's `sequence` is its whole "
+                f"text), over the limit of {self.limits.max_reply_chars}; ask for fewer masks, a smaller "
+                "top_k or shorter texts"
+            )
         return items
 
     async def fill_mask(self, request: FillMaskInput) -> FillMaskOutput:
         self.limits.check(request.texts)
         if not 1 <= request.top_k <= self.max_top_k:
             raise InvalidInput(f"top_k: {request.top_k} is outside 1..{self.max_top_k}")
-        items = self._items(request.texts)
-        timed = await self.batcher.submit_all([(item, len(item.encoded)) for item in items], request.deadline)
-        results = [
-            self._predictions(text, item, t.value, request.top_k)
-            for text, item, t in zip(request.texts, items, timed, strict=True)
-        ]
+        size = sum(map(len, request.texts))
+        with self.serving(len(request.texts), request.deadline) as held:
+            items = await off_loop(size, self._items, request)
+            timed = await self.batcher.submit_all(
+                [(item, len(item.encoded)) for item in items], request.deadline, reservation=held
+            )
+            results = await off_loop(size * request.top_k, self._all_predictions, request, items, timed)
         return FillMaskOutput(
             results=results,
             mask_token=self.mask_token,
             usage=Usage(input_tokens=sum(len(item.encoded) for item in items)),
             timing=Timing.of(timed),
         )
+
+    def _all_predictions(
+        self,
+        request: FillMaskInput,
+        items: list[_MaskItem],
+        timed: list[Timed[tuple[np.ndarray, np.ndarray]]],
+    ) -> list[list[MaskPredictions]]:
+        return [
+            self._predictions(text, item, t.value, request.top_k)
+            for text, item, t in zip(request.texts, items, timed, strict=True)
+        ]
 
     def _predictions(
         self, text: str, item: _MaskItem, top: tuple[np.ndarray, np.ndarray], top_k: int

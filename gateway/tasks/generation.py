@@ -41,6 +41,11 @@ class DecodingOptions:
             return "sample"
         return "beam" if self.beam_size > 1 else "greedy"
 
+    @property
+    def rows(self) -> int:
+        """Sequences decoded at once for one text: its beams or samples."""
+        return self.num_return if self.sampling is not None else self.beam_size
+
 
 @dataclass(frozen=True)
 class GenerationItem:
@@ -247,7 +252,10 @@ class Generator:
 
     @staticmethod
     def _draw(logits: np.ndarray, sampling: SamplingOptions, rng: np.random.Generator) -> int:
-        scaled = logits.astype(np.float64) / sampling.temperature
+        # The maximum is subtracted before dividing, so that no temperature > 0 overflows: the best token
+        # scales to 0, the others to <= 0 (or -inf).
+        shifted = logits.astype(np.float64)
+        scaled = (shifted - shifted.max()) / sampling.temperature
         if 0 < sampling.top_k < len(scaled):
             cut = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
             scaled = np.where(scaled < cut, -np.inf, scaled)

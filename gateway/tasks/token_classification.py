@@ -14,15 +14,16 @@ depends on what else is in the batch; ours does not), and every newline in the i
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
 
-from gateway.batcher import BatcherSettings, Observer
+from gateway.batcher import BatcherSettings, Observer, Timed
 from gateway.errors import InvalidInput
+from gateway.offload import off_loop
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
 from gateway.tokenization import Encoded, pad_batch
@@ -31,6 +32,7 @@ Format = Literal["labels", "bio", "bioes"]
 ScoreKind = Literal["none", "logits", "probabilities"]
 WINDOW = 510  # content tokens per window; <s> and </s> make 512
 DEFAULT_STRIDE = 64  # tokens between window starts, as wtpsplit
+MIN_STRIDE = 32  # each token is then in up to 16 windows: smaller strides cost more and gain nothing
 SAT_LABEL, SENTENCE = "BOUNDARY", "SENTENCE"
 
 
@@ -128,21 +130,28 @@ def windows(length: int, stride: int, size: int = WINDOW) -> list[tuple[int, int
     return spans
 
 
+@functools.cache
+def _whitespace() -> np.ndarray:
+    """The code points `str.isspace` accepts (all of them lie below U+3001)."""
+    return np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
+
+
+def code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
 def split_points(text: str, char_probs: np.ndarray, threshold: float) -> list[int]:
     """Sentence ends (exclusive) after each character above the threshold and at each newline, each moved
-    past the whitespace that follows."""
-    cuts = set(np.flatnonzero(char_probs > threshold).tolist())
-    cuts.update(match.start() for match in re.finditer("\n", text))
-    ends: list[int] = []
-    for index in sorted(cuts):
-        end = index + 1
-        while end < len(text) and text[end].isspace():
-            end += 1
-        if not ends or end > ends[-1]:
-            ends.append(end)
-    if not ends or ends[-1] != len(text):
-        ends.append(len(text))
-    return ends
+    past the whitespace that follows. Linear in the text: every cut finds its end by one binary search."""
+    points = code_points(text)
+    cuts = np.flatnonzero((char_probs > threshold) | (points == ord("\n")))
+    solid = np.flatnonzero(~np.isin(points, _whitespace()))  # positions of non-space characters
+    after = np.searchsorted(solid, cuts + 1)  # the first non-space character after each cut
+    ends = np.where(after < len(solid), solid[np.minimum(after, len(solid) - 1)], len(text))
+    found: list[int] = np.unique(ends).tolist()
+    if not found or found[-1] != len(text):
+        found.append(len(text))
+    return found
 
 
 def limit_length(ends: list[int], char_probs: np.ndarray, max_length: int) -> list[int]:
@@ -208,12 +217,19 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
     async def classify(self, request: ClassifyInput) -> ClassifyOutput:
         self.limits.check(request.texts)
         threshold = self._threshold(request.threshold) if len(self.info.labels) == 1 else 0.5
-        encoded = self.model.tokenizer.encode_batch(request.texts)
-        timed = await self.batcher.submit_all([(e.ids, len(e)) for e in encoded], request.deadline)
-        results = [
-            self._classified(text, e, t.value, request, threshold)
-            for text, e, t in zip(request.texts, encoded, timed, strict=True)
-        ]
+        size = sum(map(len, request.texts))
+        with self.serving(len(request.texts), request.deadline) as held:
+            encoded = await off_loop(size, self.model.tokenizer.encode_batch, request.texts)
+            timed = await self.batcher.submit_all(
+                [(e.ids, len(e)) for e in encoded], request.deadline, reservation=held
+            )
+            results = await off_loop(
+                size,
+                lambda: [
+                    self._classified(text, e, t.value, request, threshold)
+                    for text, e, t in zip(request.texts, encoded, timed, strict=True)
+                ],
+            )
         return ClassifyOutput(results, self.labels, Usage(sum(len(e) for e in encoded)), Timing.of(timed))
 
     def _classified(
@@ -269,6 +285,24 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
     # ------------------------------------------------------------------------------------------- segment
 
     async def segment(self, request: SegmentInput) -> SegmentOutput:
+        threshold, stride = self._segment_settings(request)
+        size = sum(map(len, request.texts))
+        # a window per text, and more for long ones (about 4 characters a token): the rows admission counts
+        expected = sum(max(1, len(text) // (4 * stride)) for text in request.texts)
+        with self.serving(len(request.texts), request.deadline, rows=expected) as held:
+            encoded, plans = await off_loop(size, self._plan_segments, request, stride)
+            bos, eos = self.bos, self.eos
+            windows_ = [
+                ([bos, *e.ids[a:b], eos], b - a + 2)
+                for e, plan in zip(encoded, plans, strict=True)
+                for a, b in plan
+            ]
+            timed = await self.batcher.submit_all(windows_, request.deadline, reservation=held)
+            results = await off_loop(size, self._sentences, request, threshold, encoded, plans, timed)
+        tokens = sum(b - a + 2 for plan in plans for a, b in plan)
+        return SegmentOutput(results, threshold, Usage(tokens), Timing.of(timed))
+
+    def _segment_settings(self, request: SegmentInput) -> tuple[float, int]:
         if not self.info.sat:
             raise InvalidInput(f"model: {self.model.name} is not a SaT segmentation model; use Classify")
         self.limits.check(request.texts)
@@ -276,17 +310,24 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
         if request.max_length < 0:
             raise InvalidInput(f"max_length: {request.max_length} must be >= 0")
         stride = request.stride or DEFAULT_STRIDE
-        if not 1 <= stride <= WINDOW:
-            raise InvalidInput(f"stride: {stride} must be between 1 and {WINDOW} tokens")
+        if not MIN_STRIDE <= stride <= WINDOW:
+            raise InvalidInput(f"stride: {stride} must be between {MIN_STRIDE} and {WINDOW} tokens")
+        return threshold, stride
+
+    def _plan_segments(
+        self, request: SegmentInput, stride: int
+    ) -> tuple[list[Encoded], list[list[tuple[int, int]]]]:
         encoded = self.model.tokenizer.encode_batch(request.texts, add_special_tokens=False, truncate=False)
-        plans = [windows(len(e), stride) for e in encoded]
-        bos, eos = self.bos, self.eos
-        windows_ = [
-            ([bos, *e.ids[a:b], eos], b - a + 2)
-            for e, plan in zip(encoded, plans, strict=True)
-            for a, b in plan
-        ]
-        timed = await self.batcher.submit_all(windows_, request.deadline)
+        return encoded, [windows(len(e), stride) for e in encoded]
+
+    def _sentences(
+        self,
+        request: SegmentInput,
+        threshold: float,
+        encoded: list[Encoded],
+        plans: list[list[tuple[int, int]]],
+        timed: list[Timed[np.ndarray]],
+    ) -> list[SegmentedText]:
         results, cursor = [], 0
         for text, e, plan in zip(request.texts, encoded, plans, strict=True):
             window_logits = [t.value[1:-1, 0] for t in timed[cursor : cursor + len(plan)]]
@@ -297,8 +338,7 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
             sentences = [Sentence(text[a:b], a, b) for a, b in zip(starts, ends, strict=True) if b > a]
             probabilities = char_probs.tolist() if request.return_probabilities else None
             results.append(SegmentedText(sentences, probabilities))
-        tokens = sum(b - a + 2 for plan in plans for a, b in plan)
-        return SegmentOutput(results, threshold, Usage(tokens), Timing.of(timed))
+        return results
 
     @staticmethod
     def _char_probabilities(
@@ -312,9 +352,13 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
             counts[a:b] += 1
         probs = _sigmoid(total / np.maximum(counts, 1))
         char_probs = np.zeros(len(text), dtype=np.float32)
-        for (start, end), prob in zip(encoded.offsets, probs, strict=True):
-            if end > start:
-                char_probs[end - 1] = prob
+        if encoded.offsets:
+            offsets = np.asarray(encoded.offsets, dtype=np.int64).reshape(-1, 2)
+            real = np.flatnonzero(offsets[:, 1] > offsets[:, 0])
+            last = offsets[real, 1] - 1
+            # Tokens sharing a last character: the later token's probability wins.
+            reversed_unique, first = np.unique(last[::-1], return_index=True)
+            char_probs[reversed_unique] = probs[real[::-1][first]]
         return char_probs
 
 

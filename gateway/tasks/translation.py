@@ -8,12 +8,14 @@ short translations do not pay for long ones.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from gateway.batcher import BatcherSettings, Observer
+from gateway.batcher import BatcherSettings, Observer, Timed
 from gateway.errors import InvalidInput
 from gateway.languages import resolve_language
+from gateway.offload import LoopThread, off_loop
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
 from gateway.tasks.generation import (
@@ -27,6 +29,8 @@ from gateway.tasks.generation import (
 )
 
 MAX_BEAMS = 16
+MAX_SAMPLES = 16  # num_return with sampling
+MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: beyond it length ** penalty leaves the float range
 __all__ = ["DecodingOptions", "SamplingOptions", "TranslateInput", "TranslationModel"]
 
 
@@ -85,11 +89,23 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         # The smaller of the export's and the server's caps on generated tokens.
         self.max_new_tokens = min(info.max_new_tokens, max_new_tokens or info.max_new_tokens)
         self._generate: Callable[[list[GenerationItem]], Awaitable[list[Decoded]]]
+        self._decoding: LoopThread | None = None
         if "generate" in model.parts:  # the loop runs remotely (Triton)
             self._generate = self._remote
-        else:
-            self._generate = Generator(model.parts, self.eos, self.pad).generate
+        else:  # in-process: on a loop of its own, off the server's
+            self._decoding = LoopThread(f"decode-{model.name}")
+            self._generate = self._local
+            self._generator = Generator(model.parts, self.eos, self.pad)
         super().__init__(model, settings, observer, limits)
+
+    async def _local(self, items: list[GenerationItem]) -> list[Decoded]:
+        assert self._decoding is not None
+        return await self._decoding.run(self._generator.generate(items))
+
+    async def close(self) -> None:
+        await super().close()
+        if self._decoding is not None:
+            self._decoding.close()
 
     async def _remote(self, items: list[GenerationItem]) -> list[Decoded]:
         return unpack_decoded(await self.model.parts["generate"].run(pack_items(items, self.pad)))
@@ -109,17 +125,24 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
             )
         if not 1 <= o.beam_size <= MAX_BEAMS:
             raise InvalidInput(f"options.beam_size: {o.beam_size} is outside 1..{MAX_BEAMS}")
-        if o.num_return < 1 or (o.mode != "sample" and o.num_return > o.beam_size):
+        if o.sampling is None and not 1 <= o.num_return <= o.beam_size:
             raise InvalidInput(
                 f"options.num_return: {o.num_return} must be between 1 and beam_size ({o.beam_size})"
+            )
+        if o.sampling is not None and not 1 <= o.num_return <= MAX_SAMPLES:
+            raise InvalidInput(f"options.num_return: {o.num_return} samples is outside 1..{MAX_SAMPLES}")
+        if not (math.isfinite(o.length_penalty) and abs(o.length_penalty) <= MAX_LENGTH_PENALTY):
+            raise InvalidInput(
+                f"options.length_penalty: {o.length_penalty} must be a number between "
+                f"-{MAX_LENGTH_PENALTY} and {MAX_LENGTH_PENALTY}"
             )
         if o.sampling is not None:
             if o.beam_size > 1:
                 raise InvalidInput("options.sampling cannot be combined with beam_size > 1")
             s = o.sampling
-            if s.temperature <= 0:
-                raise InvalidInput(f"options.sampling.temperature: {s.temperature} must be > 0")
-            if not 0 < s.top_p <= 1:
+            if not (math.isfinite(s.temperature) and s.temperature > 0):
+                raise InvalidInput(f"options.sampling.temperature: {s.temperature} must be a number > 0")
+            if not 0 < s.top_p <= 1:  # also false for NaN
                 raise InvalidInput(f"options.sampling.top_p: {s.top_p} must be in (0, 1]")
             if s.top_k < 0:
                 raise InvalidInput(f"options.sampling.top_k: {s.top_k} must be >= 0")
@@ -127,6 +150,25 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
 
     async def translate(self, request: TranslateInput) -> TranslateOutput:
         source, target, limit = self.validate(request)
+        size = sum(map(len, request.texts))
+        texts, rows = len(request.texts), request.options.rows
+        with self.serving(texts, request.deadline, rows=texts * rows) as held:
+            items, truncated = await off_loop(size, self._items, request, source, target, limit)
+            timed = await self.batcher.submit_all(
+                [(item, len(item.source)) for item in items], request.deadline, rows, held
+            )
+            translations, output_tokens = await off_loop(size, self._translations, request, timed, truncated)
+        return TranslateOutput(
+            translations=translations,
+            source_lang=source,
+            target_lang=target,
+            usage=Usage(sum(len(item.source) for item in items), output_tokens),
+            timing=Timing.of(timed),
+        )
+
+    def _items(
+        self, request: TranslateInput, source: str, target: str, limit: int
+    ) -> tuple[list[GenerationItem], list[bool]]:
         tokenizer = self.model.tokenizer
         source_id, target_id = self.info.language_token_ids[source], self.info.language_token_ids[target]
         room = tokenizer.max_length - 2
@@ -138,12 +180,16 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
             truncated.append(len(encoded.ids) > room)
             prefix = (self.info.decoder_start_token_id, target_id)
             items.append(GenerationItem(ids, prefix, limit, request.options, index))
-        timed = await self.batcher.submit_all([(item, len(item.source)) for item in items], request.deadline)
+        return items, truncated
+
+    def _translations(
+        self, request: TranslateInput, timed: list[Timed[Decoded]], truncated: list[bool]
+    ) -> tuple[list[Translation], int]:
         translations = []
         output_tokens = 0
         for result, was_cut in zip(timed, truncated, strict=True):
             decoded = result.value
-            texts = tokenizer.decode_batch(decoded.tokens)
+            texts = self.model.tokenizer.decode_batch(decoded.tokens)
             output_tokens += len(decoded.tokens[0])
             hypotheses = [
                 Hypothesis(text, score, tokens, logprobs if request.options.return_scores else [])
@@ -152,13 +198,7 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
                 )
             ]
             translations.append(Translation(hypotheses, was_cut))
-        return TranslateOutput(
-            translations=translations,
-            source_lang=source,
-            target_lang=target,
-            usage=Usage(sum(len(item.source) for item in items), output_tokens),
-            timing=Timing.of(timed),
-        )
+        return translations, output_tokens
 
     async def _run(self, items: list[GenerationItem]) -> list[Decoded]:
         return await self._generate(items)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -56,3 +59,47 @@ async def channel(gateway: GatewayServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.aio.Channel) -> polyglot_pb2_grpc.PolyglotStub:
     return polyglot_pb2_grpc.PolyglotStub(channel)
+
+
+class Held:
+    """Batches of one task model held at the runtime until `release()`: tests keep work in flight by
+    construction instead of guessing with sleeps. `started` is set when a batch reaches the hold."""
+
+    def __init__(self, model: Any) -> None:
+        self.batcher = model.batcher
+        self._run = self.batcher._run_batch
+        self.started = asyncio.Event()
+        self._open = asyncio.Event()
+        self.batches = 0
+
+    async def _held(self, items: list[Any]) -> Any:
+        self.batches += 1
+        self.started.set()
+        await self._open.wait()
+        return await self._run(items)
+
+    def __enter__(self) -> Held:
+        self.batcher._run_batch = self._held
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        self.batcher._run_batch = self._run
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def queued(self, count: int, seconds: float = 30) -> None:
+        """Wait until `count` items are queued behind the held batch (polling a condition)."""
+        deadline = time.monotonic() + seconds
+        while self.batcher.queue_depth < count:
+            assert time.monotonic() < deadline, f"{count} items never queued ({self.batcher.queue_depth})"
+            await asyncio.sleep(0.005)
+
+
+def hold(server: GatewayServer, model: str) -> Held:
+    """Hold the batches of `model` (a served name) of an in-process server."""
+    for entry in server.registry.all():
+        if entry.name == model:
+            return Held(entry.model)
+    raise KeyError(model)

@@ -18,7 +18,7 @@ from gateway.cli import app
 from gateway.client import AsyncPolyglotClient, PolyglotClient, translate_request, vectors
 from gateway.config import BatchingConfig, ModelConfig, ServerConfig
 from gateway.server import GatewayServer
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import free_port, hold
 
 runner = CliRunner()
 
@@ -103,18 +103,23 @@ async def test_full_queue_is_resource_exhausted(exported) -> None:  # type: igno
     await server.start()
     try:
         async with AsyncPolyglotClient(f"127.0.0.1:{server.port}") as client:
-            too_big = client.translate(["One.", "Two.", "Three."], "fra_Latn", max_new_tokens=2)
-            with pytest.raises(grpc.aio.AioRpcError, match="this request adds 3"):
-                await too_big  # refused whole, before any of its texts runs
-            calls = [
-                client.translate("A text to translate.", "fra_Latn", max_new_tokens=60) for _ in range(8)
-            ]
-            results = await asyncio.gather(*calls, return_exceptions=True)
-            codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
-            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-            messages = [r.details() for r in results if isinstance(r, grpc.aio.AioRpcError)]
-            assert any("max_queue_size 2" in (m or "") for m in messages)
-            assert any(not isinstance(r, Exception) for r in results), messages
+            # Three texts never fit a queue of two at once: they are admitted in parts and all answered.
+            whole = await client.translate(["One.", "Two.", "Three."], "fra_Latn", max_new_tokens=2)
+            assert len(whole.translations) == 3
+            with hold(server, "nllb") as held:
+                running = asyncio.ensure_future(client.translate("Held.", "fra_Latn", max_new_tokens=2))
+                await held.started.wait()
+                queued = asyncio.ensure_future(client.translate(["A.", "B."], "fra_Latn", max_new_tokens=2))
+                await held.queued(2)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.translate("One too many.", "fra_Latn", max_new_tokens=2)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "max_queue_size 2" in (refused.value.details() or "")
+                # a request that fits but not now is refused whole: none of its texts waits for nothing
+                with pytest.raises(grpc.aio.AioRpcError, match="this request adds 2"):
+                    await client.translate(["C.", "D."], "fra_Latn", max_new_tokens=2)
+            assert len((await running).translations) == 1
+            assert len((await queued).translations) == 2
             reply = await client.translate("Still there?", "fra_Latn", max_new_tokens=2)
             assert reply.translations
     finally:

@@ -39,6 +39,9 @@ MODELS: tuple[tuple[str, Task], ...] = (
     ("nllb-demo", "translation"),
 )
 TIGHT = "nllb-tight"  # a translation model whose Triton queue holds one request
+# A translation model whose Triton batcher waits 10 minutes for a full batch of 8: fewer requests stay queued
+# in Triton by construction, for as long as a test needs them in flight.
+HELD = "nllb-held"
 
 
 def _installed() -> bool:
@@ -67,6 +70,8 @@ def repository(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> 
         write_repository(exported(task)[0], root, python, name=name, variants=("fp32",))
     tight = TritonOptions(flavor="python", max_batch_size=1, max_queue_size=1, max_queue_delay_us=0)
     write_repository(exported("translation")[0], root, tight, name=TIGHT, variants=("fp32",))
+    held = TritonOptions(flavor="python", max_batch_size=8, max_queue_delay_us=600_000_000)
+    write_repository(exported("translation")[0], root, held, name=HELD, variants=("fp32",))
     return root
 
 
@@ -102,6 +107,16 @@ def _config(
             variant="fp32",
             backend="triton",
             triton_model=f"{TIGHT}-fp32",
+        )
+    )
+    models.append(  # each text its own Triton request, four at a time
+        ModelConfig(
+            name=HELD,
+            path=exported("translation")[0],
+            variant="fp32",
+            backend="triton",
+            triton_model=f"{HELD}-fp32",
+            batching=BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, max_concurrent_batches=4),
         )
     )
     return ServerConfig.load(
@@ -229,7 +244,7 @@ async def test_every_rpc_answers_as_in_process(stub: Stub, triton_channel: grpc.
     assert backends["nllb-demo"] == ("triton", "triton:nllb-demo-fp32")
 
 
-def _triton_counts(triton: TritonServer, model: str) -> tuple[float, float]:
+def _triton_metric(triton: TritonServer, model: str, *metrics: str) -> tuple[float, ...]:
     with urllib.request.urlopen(f"http://127.0.0.1:{triton.ports.metrics}/metrics", timeout=5) as reply:
         text = reply.read().decode()
 
@@ -238,7 +253,12 @@ def _triton_counts(triton: TritonServer, model: str) -> tuple[float, float]:
         assert found, f"{metric} for {model} missing from Triton's metrics"
         return float(found.group(1))
 
-    return value("nv_inference_count"), value("nv_inference_exec_count")
+    return tuple(value(metric) for metric in metrics)
+
+
+def _triton_counts(triton: TritonServer, model: str) -> tuple[float, float]:
+    count, executions = _triton_metric(triton, model, "nv_inference_count", "nv_inference_exec_count")
+    return count, executions
 
 
 async def _settled_counts(
@@ -329,28 +349,28 @@ async def test_killed_triton_is_unavailable_then_recovers(
     before = _answer(await remote.Embed(request))
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert await _health(triton_channel, "distilbert-demo") == serving
-    long = pb.TranslateOptions(beam_size=4, max_new_tokens=200)
     in_flight = [
         asyncio.ensure_future(
             remote.Translate(
                 pb.TranslateRequest(
-                    texts=[f"{TEXTS[0]} {i}"],
-                    source_lang="eng_Latn",
-                    target_lang="fra_Latn",
-                    model="nllb-demo",
-                    options=long,
+                    texts=[f"{TEXTS[0]} {i}"], source_lang="eng_Latn", target_lang="fra_Latn", model=HELD
                 ),
-                timeout=10,
+                timeout=60,
             )
         )
         for i in range(4)
     ]
-    await asyncio.sleep(0.3)
+
+    async def queued_in_triton() -> bool:  # held there: Triton waits for a batch of 8
+        (pending,) = _triton_metric(triton, f"{HELD}-fp32", "nv_inference_pending_request_count")
+        return pending == 4
+
+    await _until(queued_in_triton, 30)
+    assert not any(call.done() for call in in_flight)
     triton.kill()
     interrupted = await asyncio.gather(*in_flight, return_exceptions=True)
-    codes = [r.code() for r in interrupted if isinstance(r, grpc.aio.AioRpcError)]
-    assert codes, "every long translation finished before the kill: the test could not fail"
-    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}
+    codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in interrupted]
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 4, interrupted
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await remote.Embed(request, timeout=5)

@@ -33,7 +33,10 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
         ServerConfig.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("batching: {max_batch_size: 0}\n")
-    with pytest.raises(ValidationError, match="max_batch_size"):
+    with pytest.raises(InvalidInput, match=r"batching.max_batch_size: Input should be greater"):
+        ServerConfig.load(bad)
+    bad.write_text("tls: {cert: /nonexistent.pem, key: /nonexistent.key}\n")
+    with pytest.raises(InvalidInput, match=r"tls.cert: .*/nonexistent.pem is not a file"):
         ServerConfig.load(bad)
     bad.write_text("- a list\n")
     with pytest.raises(InvalidInput, match="mapping"):

@@ -16,8 +16,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 def _exported_names() -> set[str]:
     metrics = Metrics()
-    with metrics.request("Embed", "m"):
-        pass
+    with metrics.request("Embed") as outcome, metrics.in_flight():
+        outcome.model = "m"
     metrics.batch_observer("m", "fp32")(BatchStats(2, 16, [0.001, 0.002], 0.01, failed=True))
     metrics.count_tokens("m", 3, 4)
     metrics.tokenization_seconds.labels("m").observe(0.001)
