@@ -136,7 +136,8 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     def _count_tokens(self, label: str, response: Any) -> None:
         """Every reply carries its usage; count it under the reply's model (a served model's name)."""
-        if "usage" in response.DESCRIPTOR.fields_by_name and response.HasField("usage"):
+        descriptor = getattr(response, "DESCRIPTOR", None)
+        if descriptor is not None and "usage" in descriptor.fields_by_name and response.HasField("usage"):
             usage = response.usage
             model = getattr(response, "model", "") or label
             self.metrics.count_tokens(model, usage.input_tokens, usage.output_tokens)

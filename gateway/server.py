@@ -7,6 +7,7 @@ the batchers drain, then the process exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -192,6 +193,7 @@ class GatewayServer:
         self._watch: asyncio.Task[None] | None = None
         self._stop_metrics: Callable[[], None] | None = None
         self._stopping = False
+        self._drain_over = asyncio.Event()
         self._stopped = asyncio.Event()
 
     def _bind(self) -> int:
@@ -277,10 +279,11 @@ class GatewayServer:
             await self._update_health()
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
-        """Health NOT_SERVING; keep taking requests for `drain` seconds (so that load balancers notice);
-        then take no new ones and let the accepted ones finish within `grace` seconds; release the models.
-        Defaults: the config's drain_seconds and grace_seconds."""
-        if self._stopping:
+        """Health NOT_SERVING; keep taking requests for `drain` seconds (so that load balancers notice; a
+        second call ends the drain at once); then take no new ones and let the accepted ones finish within
+        `grace` seconds; release the models. Defaults: the config's drain_seconds and grace_seconds."""
+        if self._stopping:  # a second signal: end the drain now
+            self._drain_over.set()
             await self._stopped.wait()
             return
         self._stopping = True
@@ -291,7 +294,8 @@ class GatewayServer:
         grace = self.config.grace_seconds if grace is None else grace
         if drain > 0:
             log.info("shutting down: health NOT_SERVING, still taking requests for %.1f s", drain)
-            await asyncio.sleep(drain)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_over.wait(), drain)
         self.admission.stop_accepting()
         started = time.monotonic()
         log.info("shutting down: no new requests; %d in flight", self.admission.in_flight)
@@ -313,8 +317,8 @@ class GatewayServer:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM (drain, then stop) or SIGINT (stop without the drain); SIGHUP re-reads the API
-    key file."""
+    """Run until SIGTERM (drain, then stop) or SIGINT (stop without the drain); a second signal ends a
+    drain at once; SIGHUP re-reads the API key file."""
     server = GatewayServer(config)
     await server.start()
     loop = asyncio.get_running_loop()

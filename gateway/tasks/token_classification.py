@@ -147,7 +147,8 @@ def split_points(text: str, char_probs: np.ndarray, threshold: float) -> list[in
     cuts = np.flatnonzero((char_probs > threshold) | (points == ord("\n")))
     solid = np.flatnonzero(~np.isin(points, _whitespace()))  # positions of non-space characters
     after = np.searchsorted(solid, cuts + 1)  # the first non-space character after each cut
-    ends = np.where(after < len(solid), solid[np.minimum(after, len(solid) - 1)], len(text))
+    padded = np.append(solid, len(text))  # no such character: the end of the text
+    ends = padded[after]
     found: list[int] = np.unique(ends).tolist()
     if not found or found[-1] != len(text):
         found.append(len(text))

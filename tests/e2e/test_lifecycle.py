@@ -1,9 +1,11 @@
-"""`pgw serve` as a process: it starts, answers, and on SIGTERM finishes in-flight requests, then exits."""
+"""`pgw serve` as a process: it starts, answers, and on SIGTERM turns NOT_SERVING, keeps taking requests for
+the drain, then takes no new ones and finishes the accepted ones before it exits. Requests are held in
+flight by construction (an open TranslateStream), never by a sleep."""
 
 from __future__ import annotations
 
-import asyncio
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -23,24 +25,26 @@ from tests.e2e.conftest import free_port
 Exported = Callable[[Task], tuple[Path, Manifest]]
 
 
-@pytest.fixture
-def served(exported: Exported) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
+def _command(exported: Exported, port: int) -> list[str]:
     nllb, _ = exported("translation")
     embed, _ = exported("embedding")
-    command = [
+    return [
         sys.executable, "-m", "gateway", "serve",
         "--model", f"nllb={nllb}", "--model", f"embed={embed}",
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
     ]  # fmt: skip
+
+
+@pytest.fixture
+def served(exported: Exported) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    # A drain far longer than the test: it ends when the second signal comes, never by the clock.
+    env = os.environ | {"PGW_GRACE_SECONDS": "60", "PGW_DRAIN_SECONDS": "600"}
     process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=os.environ | {"PGW_GRACE_SECONDS": "20"},
+        _command(exported, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
     )
     try:
-        _wait_serving(port, process)
+        _wait_for(port, process, health_pb2.HealthCheckResponse.SERVING)
         yield process, port
     finally:
         if process.poll() is None:
@@ -48,38 +52,79 @@ def served(exported: Exported) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         process.wait(timeout=30)
 
 
-def _wait_serving(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+def _health(port: int) -> int | None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise AssertionError("the server did not become SERVING")
-
-
-async def test_sigterm_lets_in_flight_requests_finish(served: tuple[subprocess.Popen[bytes], int]) -> None:
-    process, port = served
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = polyglot_pb2_grpc.PolyglotStub(channel)
-        options = pb.TranslateOptions(beam_size=4, max_new_tokens=40)
-        texts = [f"Sentence number {i} is about the weather in the mountains." for i in range(24)]
-        in_flight = asyncio.ensure_future(
-            stub.Translate(
-                pb.TranslateRequest(texts=texts, source_lang="en", target_lang="fr", options=options)
+        try:
+            return int(
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
             )
-        )
-        await asyncio.sleep(0.3)
-        process.send_signal(signal.SIGTERM)
-        reply = await asyncio.wait_for(in_flight, timeout=60)
-        assert len(reply.translations) == len(texts)
-    assert process.wait(timeout=30) == 0
+        except grpc.RpcError:
+            return None
+
+
+def _wait_for(port: int, process: subprocess.Popen[bytes], status: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while _health(port) != status:
+        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+        assert time.monotonic() < deadline, f"health never became {status}"
+        time.sleep(0.05)
+
+
+def _translate(text: str, request_id: str = "") -> pb.TranslateRequest:
+    return pb.TranslateRequest(texts=[text], source_lang="en", target_lang="fr", request_id=request_id)
+
+
+def test_sigterm_drains_then_finishes_what_it_accepted(served: tuple[subprocess.Popen[bytes], int]) -> None:
+    process, port = served
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = polyglot_pb2_grpc.PolyglotStub(channel)
+    outgoing: queue.Queue[pb.TranslateRequest | None] = queue.Queue()
+
+    def messages() -> Iterator[pb.TranslateRequest]:
+        while (message := outgoing.get()) is not None:
+            yield message
+
+    stream = stub.TranslateStream(messages(), timeout=120)
+    outgoing.put(_translate("Before the signal.", "1"))
+    assert next(stream).request_id == "1"  # the stream is open and accepted: in flight by construction
+
+    process.send_signal(signal.SIGTERM)
+    _wait_for(port, process, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # the drain: health says NOT_SERVING, and requests are still taken, new ones included
+    reply = stub.Translate(_translate("During the drain."), timeout=30)
+    assert reply.translations
+    outgoing.put(_translate("On the open stream, during the drain.", "2"))
+    assert next(stream).request_id == "2"
+
+    process.send_signal(signal.SIGINT)  # a second signal ends the drain
+    deadline = time.monotonic() + 30
+    while True:  # no new requests now...
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Embed(pb.EmbedRequest(texts=["x"]), timeout=5)
+        if "shutting down" in (refused.value.details() or ""):
+            break
+        assert time.monotonic() < deadline, refused.value.details()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # ...but the accepted stream goes on to its end
+    outgoing.put(_translate("After the drain, on the accepted stream.", "3"))
+    assert next(stream).request_id == "3"
+    outgoing.put(None)
+    assert list(stream) == []
+    channel.close()
+    assert process.wait(timeout=60) == 0
     log = process.stdout.read().decode() if process.stdout else ""
+    assert "still taking requests for 600.0 s" in log
+    assert "no new requests; 1 in flight" in log
     assert "model nllb: task translation, variant int8" in log
+
+
+def test_a_second_server_on_the_same_port_refuses_to_start(
+    served: tuple[subprocess.Popen[bytes], int], exported: Exported
+) -> None:
+    _, port = served
+    second = subprocess.run(
+        _command(exported, port), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert second.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in second.stderr + second.stdout
+    assert _health(port) == health_pb2.HealthCheckResponse.SERVING  # the first one is untouched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
 from gateway.samples import probe_sentences
 from gateway.server import GatewayServer
+from tests.e2e.conftest import hold
 
 Stub = polyglot_pb2_grpc.PolyglotStub
 TEXTS = [s.text for s in probe_sentences()][:8]
@@ -125,10 +127,19 @@ async def test_errors_have_a_status_and_the_server_goes_on(
     assert len(reply.embeddings) == 1
 
 
-async def test_deadline_exceeded(stub: Stub) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Embed(pb.EmbedRequest(texts=TEXTS * 30), timeout=0.0001)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+async def test_the_server_answers_deadline_exceeded_itself(stub: Stub, gateway: GatewayServer) -> None:
+    """A request whose deadline passes while it waits behind a held batch: the server answers
+    DEADLINE_EXCEEDED with its own message (not gRPC's cancellation), and its texts never run."""
+    with hold(gateway, "distilbert-demo") as held:
+        first = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(texts=["held"])))
+        await held.started.wait()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "did not finish within its deadline" in (caught.value.details() or "")
+        assert held.batcher.queue_depth == 0, "the expired request's texts are still queued"
+    assert (await first).embeddings
+    assert held.batches == 1
 
 
 async def test_metrics_endpoint(stub: Stub, gateway: GatewayServer) -> None:

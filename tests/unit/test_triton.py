@@ -4,6 +4,7 @@ Python-backend runners against the in-process path, and the error mapping."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -275,3 +276,35 @@ def test_committed_model_repo_is_what_the_generator_writes(exported: Exported, n
         )
         assert (directory / "config.pbtxt").read_text() == expected, f"{directory}: run `make model-repo`"
         assert (directory / "1" / "model.py").read_text() == render_model_py(manifest)
+
+
+def test_the_stub_s_dlpack_destructor_noise_is_dropped_and_nothing_else() -> None:
+    """Reproduces what Triton 2.51's stub does to the NumPy capsules it consumes (renames them), and checks
+    that only NumPy's resulting complaint is dropped."""
+    import ctypes
+    import gc
+
+    from gateway.triton.python_models import _quiet_dlpack_destructor
+
+    seen: list[BaseException] = []
+    hook = _quiet_dlpack_destructor(lambda unraisable: seen.append(unraisable.exc_value))
+    previous, sys.unraisablehook = sys.unraisablehook, hook
+    try:
+        rename = ctypes.pythonapi.PyCapsule_SetName
+        rename.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        capsule = np.arange(3).__dlpack__()
+        name = ctypes.c_char_p(b"used_dltensor_versioned")  # kept alive while the capsule lives
+        rename(capsule, name)
+        del capsule
+        gc.collect()
+        assert seen == [], "the DLPack destructor's complaint reached the hook"
+
+        class Noisy:
+            def __del__(self) -> None:
+                raise RuntimeError("a real problem")
+
+        Noisy()
+        gc.collect()
+        assert [str(e) for e in seen] == ["a real problem"]
+    finally:
+        sys.unraisablehook = previous

@@ -26,6 +26,7 @@ from gateway.tasks.token_classification import (
     TokenClassificationModel,
     _entity_spans,
     _tags,
+    split_points,
 )
 
 Exported = Callable[[Task], tuple[Path, Manifest]]
@@ -135,6 +136,7 @@ async def test_segment_batches_windows_of_many_texts(sat: TokenClassificationMod
         (SegmentInput(["x"], threshold=1.5), "threshold: 1.5 must be between 0 and 1"),
         (SegmentInput(["x"], max_length=-1), "max_length"),
         (SegmentInput(["x"], stride=600), "stride: 600"),
+        (SegmentInput(["x"], stride=1), "stride: 1 must be between 32 and 510"),
         (SegmentInput([]), "at least one text"),
     ],
 )
@@ -227,3 +229,39 @@ def test_entity_spans_from_any_scheme() -> None:
     assert _tags(8, _entity_spans(names), "bioes") == [
         "B-PER", "E-PER", "O", "B-LOC", "E-LOC", "S-LOC", "S-ORG", "S-PER",
     ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- split points
+
+
+def _split_points_slowly(text: str, char_probs: np.ndarray, threshold: float) -> list[int]:
+    """The definition: an end after each character above the threshold and each newline, moved past the
+    whitespace that follows; duplicates dropped; the text's end last."""
+    cuts = sorted(
+        {i for i, p in enumerate(char_probs) if p > threshold} | {i for i, c in enumerate(text) if c == "\n"}
+    )
+    ends: list[int] = []
+    for index in cuts:
+        end = index + 1
+        while end < len(text) and text[end].isspace():
+            end += 1
+        if not ends or end > ends[-1]:
+            ends.append(end)
+    if not ends or ends[-1] != len(text):
+        ends.append(len(text))
+    return ends
+
+
+def test_split_points_match_their_definition() -> None:
+    rng = np.random.default_rng(0)
+    alphabet = list("ab .\n\t\u3000\u00a0\u2028xyz。!")
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 80))))
+        probs = rng.random(len(text)).astype(np.float32)
+        assert split_points(text, probs, 0.7) == _split_points_slowly(text, probs, 0.7), repr(text)
+
+
+def test_split_points_of_a_text_of_newlines() -> None:
+    """The input that froze the server: 19,999 newlines (each a cut) and a letter."""
+    text = "\n" * 19999 + "x"
+    assert split_points(text, np.zeros(len(text), dtype=np.float32), 0.5) == [19999, 20000]
