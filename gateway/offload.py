@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +23,25 @@ INLINE_SIZE = 2000
 # Two threads: the work holds the GIL, so more threads would not run faster, and the fewer threads contend
 # with the loop for it, the sooner the loop gets its turn.
 _WORKERS = 2
+# Nice value added to compute threads (ONNX Runtime calls, tokenization, decoding). Server on one core of a
+# shared VM, three alternating runs: closed-loop capacity 74-78 req/s with it, 41-66 without.
+WORKER_NICENESS = 5
+
+
+def behind_the_loop() -> None:
+    """Lower the calling thread's scheduling priority (Linux: a thread's own nice value), so that on a busy
+    machine the event loop, which accepts and refuses requests, gets the CPU before compute threads do.
+    Elsewhere (or when not allowed) it does nothing."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + WORKER_NICENESS)
+    except (AttributeError, OSError):
+        pass
 
 
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="pgw-cpu")
+    return ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="pgw-cpu", initializer=behind_the_loop)
 
 
 async def off_loop(size: int, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
@@ -45,8 +60,12 @@ class LoopThread:
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        behind_the_loop()
+        self.loop.run_forever()
 
     async def run(self, coroutine: Coroutine[Any, Any, R]) -> R:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))

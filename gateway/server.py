@@ -32,6 +32,7 @@ from gateway.errors import InvalidInput
 from gateway.interceptors import GatewayInterceptor
 from gateway.manifest import Task
 from gateway.metrics import Metrics
+from gateway.offload import behind_the_loop
 from gateway.pb.polyglot.v1 import polyglot_pb2, polyglot_pb2_grpc
 from gateway.registry import Registry, Served
 from gateway.runtime import LoadedModel, load_model, load_triton_model
@@ -133,7 +134,9 @@ def build_registry(config: ServerConfig, metrics: Metrics) -> Registry:
             settings = OrtSettings(
                 device=device, intra_op_threads=config.intra_op_threads, tensorrt=config.tensorrt
             )
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{model.name}")
+            executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"ort-{model.name}", initializer=behind_the_loop
+            )
             loaded = load_model(model.name, model.path, settings, model.variant, executor)
         loaded.tokenizer.observer = metrics.tokenization_seconds.labels(model.name).observe
         task_model = _task_model(loaded, config, model, metrics)

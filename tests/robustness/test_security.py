@@ -6,6 +6,8 @@ import datetime
 import http.client
 import signal
 import ssl
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,9 +24,11 @@ from cryptography.x509.oid import NameOID
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from typer.testing import CliRunner
 
 from gateway.admission import Admission
 from gateway.auth import ApiKeys
+from gateway.cli import app
 from gateway.client import PolyglotClient, Tls
 from gateway.config import ModelConfig, ServerConfig, TlsConfig
 from gateway.interceptors import GatewayInterceptor
@@ -34,7 +38,7 @@ from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
 from gateway.server import GatewayServer
 from tests.e2e.conftest import free_port
-from tests.robustness.conftest import serve, wait_serving
+from tests.robustness.conftest import Served, serve, wait_serving
 
 Exported = Callable[[Task], tuple[Path, Manifest]]
 KEY = "s3cret-key"
@@ -319,16 +323,38 @@ def test_an_open_server_on_every_interface_warns(exported: Exported, tmp_path: P
     assert "--host 127.0.0.1" in log
 
 
-def test_tls_with_pgw_serve_flags(exported: Exported, pki: Pki, tmp_path: Path) -> None:
-    """`pgw serve --tls-cert --tls-key --tls-client-ca` (here through the config file's `tls:`)."""
-    tls = {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(pki.ca)}
-    served = serve(exported, tmp_path / "tls", {"host": "localhost", "tls": tls}, tls=True)
+def test_pgw_serve_and_the_client_commands_speak_mutual_tls(
+    exported: Exported, pki: Pki, tmp_path: Path
+) -> None:
+    """`pgw serve --tls-cert --tls-key --tls-client-ca`, and `pgw embed --tls-ca --tls-cert --tls-key`."""
+    port = free_port()
+    log_file = tmp_path / "server.log"
+    command = [
+        sys.executable, "-m", "gateway", "serve", "--model", f"embed={exported('embedding')[0]}",
+        "--host", "localhost", "--port", str(port), "--metrics-port", "0",
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=log_file.open("wb"), stderr=subprocess.STDOUT)
+    served = Served(process, port, 0, log_file, host="localhost")
     try:
         wait_serving(served, Tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key).credentials())
-        with PolyglotClient(
-            f"localhost:{served.port}", tls=Tls(pki.ca, pki.client_cert, pki.client_key)
-        ) as c:
-            assert c.embed(["mutual"]).embeddings
+        client = ["embed", "mutual", "--server", f"localhost:{port}", "--tls-ca", str(pki.ca)]
+        with_cert = [*client, "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+        ok = CliRunner().invoke(app, with_cert)
+        assert ok.exit_code == 0, ok.output
+        assert "dims" in ok.output
+        refused = CliRunner().invoke(app, client)  # no client certificate
+        assert refused.exit_code == 1
+        assert "UNAVAILABLE" in refused.output
+        half = CliRunner().invoke(app, [*client, "--tls-cert", str(pki.client_cert)])
+        assert half.exit_code == 2
+        assert "both tls_cert and tls_key" in half.output
     finally:
         log = served.stop()
     assert "TLS: on, client certificates required (mutual TLS)" in log
+
+
+def test_pgw_serve_wants_both_halves_of_its_certificate(pki: Pki) -> None:
+    result = CliRunner().invoke(app, ["serve", "--demo", "--tls-cert", str(pki.server_cert)])
+    assert result.exit_code == 1
+    assert "--tls-cert and --tls-key together" in result.output

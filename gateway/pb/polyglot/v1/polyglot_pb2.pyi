@@ -11,9 +11,12 @@ Conventions:
 - `model` fields are optional: empty means the server's default model for the task.
 - Every reply carries `usage` (tokens in and out) and `timing` (queue and inference time), the figures
   other servers return as headers.
-- Errors are gRPC status codes: INVALID_ARGUMENT names the field and the limit it broke,
-  RESOURCE_EXHAUSTED means the model's queue is full, DEADLINE_EXCEEDED that the request waited past its
-  deadline, UNAVAILABLE that the model or its backend is not ready.
+- Errors are gRPC status codes with a message: INVALID_ARGUMENT names the field and the limit it broke
+  (a request that does not parse is INVALID_ARGUMENT too), RESOURCE_EXHAUSTED that the server or the
+  model is full or could not answer before the request's deadline (retry with backoff),
+  DEADLINE_EXCEEDED that the request did not finish within its deadline, UNAVAILABLE that the model or
+  its backend is not ready or the server is shutting down, UNAUTHENTICATED that the API key is missing
+  or wrong (send `authorization: Bearer <key>`; every method needs it but grpc.health.v1).
 """
 
 from collections import abc as _abc
@@ -180,7 +183,7 @@ class SamplingOptions(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """> 0; 1.0 when unset"""
+    """finite and > 0; 1.0 when unset"""
     top_k: _builtins.int
     """0: no top-k filtering"""
     top_p: _builtins.float
@@ -223,11 +226,13 @@ class TranslateOptions(_message.Message):
     configuration.
     """
     length_penalty: _builtins.float
-    """Beam search: exponent applied to the length when scoring finished hypotheses (1.0 when unset)."""
+    """Beam search: exponent applied to the length when scoring finished hypotheses (1.0 when unset);
+    between -10 and 10.
+    """
     early_stopping: _builtins.bool
     """Beam search: stop as soon as `beam_size` hypotheses are finished."""
     num_return: _builtins.int
-    """How many hypotheses to return per text (n-best, <= beam_size; or independent samples)."""
+    """How many hypotheses to return per text (n-best, <= beam_size; or 1..16 independent samples)."""
     return_scores: _builtins.bool
     """Return per-token log-probabilities of each hypothesis."""
     @_builtins.property
@@ -628,7 +633,7 @@ class SegmentRequest(_message.Message):
     translation model's input.
     """
     stride: _builtins.int
-    """Window stride in tokens for long texts; 0: the server's default."""
+    """Window stride in tokens for long texts, 32..510; 0: the server's default (64)."""
     return_probabilities: _builtins.bool
     """Return the boundary probability of every character."""
     @_builtins.property
@@ -849,7 +854,10 @@ class FillMaskRequest(_message.Message):
     """predictions per mask; 0: 5"""
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """each holds one or more mask tokens"""
+        """Each holds one or more mask tokens (16 at most by default). The reply repeats each text in every
+        prediction's `sequence`; a request whose reply would repeat more than the server's max_reply_chars
+        (4,000,000 by default) is INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,

@@ -11,9 +11,12 @@ Conventions:
 - `model` fields are optional: empty means the server's default model for the task.
 - Every reply carries `usage` (tokens in and out) and `timing` (queue and inference time), the figures
   other servers return as headers.
-- Errors are gRPC status codes: INVALID_ARGUMENT names the field and the limit it broke,
-  RESOURCE_EXHAUSTED means the model's queue is full, DEADLINE_EXCEEDED that the request waited past its
-  deadline, UNAVAILABLE that the model or its backend is not ready.
+- Errors are gRPC status codes with a message: INVALID_ARGUMENT names the field and the limit it broke
+  (a request that does not parse is INVALID_ARGUMENT too), RESOURCE_EXHAUSTED that the server or the
+  model is full or could not answer before the request's deadline (retry with backoff),
+  DEADLINE_EXCEEDED that the request did not finish within its deadline, UNAVAILABLE that the model or
+  its backend is not ready or the server is shutting down, UNAUTHENTICATED that the API key is missing
+  or wrong (send `authorization: Bearer <key>`; every method needs it but grpc.health.v1).
 """
 
 from collections import abc as _abc
