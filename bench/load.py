@@ -26,6 +26,7 @@ class Sample:
     code: str  # "OK" or the gRPC status name
     texts: int = 0
     tokens: int = 0
+    details: str = ""  # the error's message
 
 
 @dataclass
@@ -60,7 +61,8 @@ async def _one(call: Call, index: int, samples: list[Sample]) -> None:
         texts, tokens = await call(index)
         samples.append(Sample(started, time.perf_counter() - started, "OK", texts, tokens))
     except grpc.aio.AioRpcError as error:
-        samples.append(Sample(started, time.perf_counter() - started, error.code().name))
+        latency = time.perf_counter() - started
+        samples.append(Sample(started, latency, error.code().name, details=error.details() or ""))
 
 
 async def warm_up(call: Call, requests: int, concurrency: int = 1) -> None:

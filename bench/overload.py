@@ -26,7 +26,6 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.gateway import free_port
+from bench.load import LoadResult, closed_loop, open_loop
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
 from gateway.samples import sample_sentences
@@ -42,55 +42,40 @@ from gateway.samples import sample_sentences
 DEADLINE_S = 2.0
 
 
-@dataclass
-class Outcome:
-    started: float  # seconds since the run began
-    latency: float
-    code: str
-    mismatch: bool = False
-    details: str = ""
-
-
-@dataclass
-class Run:
-    name: str
-    rate: float
-    seconds: float
-    outcomes: list[Outcome] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        ok = [o.latency * 1000 for o in self.outcomes if o.code == "OK"]
-        codes = Counter(o.code for o in self.outcomes)
-        refused = [o for o in self.outcomes if o.code == "RESOURCE_EXHAUSTED"]
-        return {
-            "run": self.name,
-            "offered_per_s": round(self.rate, 1),
-            "seconds": round(self.seconds, 1),
-            "requests": len(self.outcomes),
-            "codes": dict(codes),
-            "ok_per_s": round(len(ok) / self.seconds, 1),
-            "mismatched": sum(o.mismatch for o in self.outcomes),
-            "refusals_with_message": sum(bool(o.details) for o in refused),
-            "p50_ms": round(float(np.percentile(ok, 50)), 1) if ok else None,
-            "p99_ms": round(float(np.percentile(ok, 99)), 1) if ok else None,
-        }
+def summary(name: str, result: LoadResult, traffic: Traffic) -> dict[str, Any]:
+    ok = [s.latency * 1000 for s in result.samples if s.code == "OK"]
+    refused = [s for s in result.samples if s.code == "RESOURCE_EXHAUSTED"]
+    return {
+        "run": name,
+        "offered_per_s": round(result.level, 1) if result.mode == "open" else 0,
+        "seconds": round(result.seconds, 1),
+        "requests": len(result.samples),
+        "codes": dict(Counter(s.code for s in result.samples)),
+        "ok_per_s": round(len(ok) / result.seconds, 1),
+        "mismatched": len(traffic.mismatched),
+        "refusals_with_message": sum(bool(s.details) for s in refused),
+        "p50_ms": round(float(np.percentile(ok, 50)), 1) if ok else None,
+        "p99_ms": round(float(np.percentile(ok, 99)), 1) if ok else None,
+    }
 
 
 class Traffic:
-    """The request mix, and the check of each reply against its request."""
+    """The request mix, and the check of each reply against its request (`mismatched`: their indices)."""
 
     def __init__(self, stub: pb_grpc.PolyglotStub) -> None:
         self.stub = stub
         self.sentences = [s.text for s in sample_sentences()]
+        self.mismatched: set[int] = set()
 
-    async def call(self, index: int) -> bool:
-        """Send request `index`; True when its reply does not belong to it."""
+    async def call(self, index: int) -> tuple[int, int]:
+        """Send request `index`: a load.Call, returning (texts, tokens)."""
         rng = random.Random(index)
         if index % 2 == 0:
             request_id = f"r{index}"
+            texts = rng.sample(self.sentences, 4)
             reply = await self.stub.Translate(
                 pb.TranslateRequest(
-                    texts=rng.sample(self.sentences, 4),
+                    texts=texts,
                     source_lang="eng_Latn",
                     target_lang="fra_Latn",
                     options=pb.TranslateOptions(max_new_tokens=48, beam_size=4),
@@ -98,56 +83,14 @@ class Traffic:
                 ),
                 timeout=DEADLINE_S,
             )
-            return reply.request_id != request_id or len(reply.translations) != 4
-        texts = [" ".join(rng.sample(self.sentences, 4)) for _ in range(rng.randint(16, 32))]
-        reply = await self.stub.Embed(pb.EmbedRequest(texts=texts), timeout=DEADLINE_S)
-        return len(reply.embeddings) != len(texts)
-
-
-async def _one(traffic: Traffic, index: int, began: float, run: Run) -> None:
-    started = time.perf_counter()
-    try:
-        mismatch = await traffic.call(index)
-        run.outcomes.append(Outcome(started - began, time.perf_counter() - started, "OK", mismatch))
-    except grpc.aio.AioRpcError as error:
-        details = error.details() or ""
-        run.outcomes.append(
-            Outcome(started - began, time.perf_counter() - started, error.code().name, details=details)
-        )
-
-
-async def open_loop(traffic: Traffic, name: str, rate: float, seconds: float, seed: int = 0) -> Run:
-    rng = random.Random(seed)
-    run = Run(name, rate, seconds)
-    tasks: list[asyncio.Task[None]] = []
-    began = time.perf_counter()
-    next_at = began
-    index = seed * 10_000_000
-    while True:
-        next_at += rng.expovariate(rate)
-        if next_at - began >= seconds:
-            break
-        delay = next_at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(_one(traffic, index, began, run)))
-        index += 1
-    await asyncio.gather(*tasks)
-    return run
-
-
-async def closed_loop(traffic: Traffic, concurrency: int, seconds: float) -> Run:
-    run = Run(f"closed loop x{concurrency}", 0, seconds)
-    began = time.perf_counter()
-    counter = iter(range(10**9))
-
-    async def caller() -> None:
-        while time.perf_counter() - began < seconds:
-            await _one(traffic, next(counter), began, run)
-
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    run.seconds = time.perf_counter() - began
-    return run
+            if reply.request_id != request_id or len(reply.translations) != len(texts):
+                self.mismatched.add(index)
+        else:
+            texts = [" ".join(rng.sample(self.sentences, 4)) for _ in range(rng.randint(16, 32))]
+            reply = await self.stub.Embed(pb.EmbedRequest(texts=texts), timeout=DEADLINE_S)
+            if len(reply.embeddings) != len(texts):
+                self.mismatched.add(index)
+        return len(texts), reply.usage.input_tokens
 
 
 class Server:
@@ -215,24 +158,21 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             traffic = Traffic(pb_grpc.PolyglotStub(channel))
-            await closed_loop(traffic, 8, 3)  # warm-up
-            capacity_run = await closed_loop(traffic, 32, 10)
-            capacity = capacity_run.summary()["ok_per_s"]
-            report["capacity"] = capacity_run.summary()
-            report["normal"] = (await open_loop(traffic, "normal", capacity / 2, 8, seed=1)).summary()
+            await closed_loop(traffic.call, 8, seconds=3)  # warm-up
+            report["capacity"] = summary(
+                "closed loop x32", await closed_loop(traffic.call, 32, seconds=10), traffic
+            )
+            capacity = report["capacity"]["ok_per_s"]
+            normal = await open_loop(traffic.call, capacity / 2, 8, seed=1)
+            report["normal"] = summary("normal", normal, traffic)
             before = server.counts()
-            overload = await open_loop(traffic, "overload", capacity * args.factor, args.seconds, seed=2)
+            overload = await open_loop(traffic.call, capacity * args.factor, args.seconds, seed=2)
             after = server.counts()
-            report["overload"] = overload.summary()
+            report["overload"] = summary("overload", overload, traffic)
             report["overload_server_codes"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-            recovery = await open_loop(traffic, "recovery", capacity / 2, 6, seed=3)
-            report["recovery"] = recovery.summary()
-            report["recovery_p50_ms_by_second"] = [
-                round(float(np.percentile(s, 50)), 1) if (s := [
-                    o.latency * 1000 for o in recovery.outcomes if o.code == "OK" and k <= o.started < k + 1
-                ]) else None
-                for k in range(6)
-            ]  # fmt: skip
+            recovery = await open_loop(traffic.call, capacity / 2, 6, seed=3)
+            report["recovery"] = summary("recovery", recovery, traffic)
+            report["recovery_p50_ms_by_second"] = p50_by_second(recovery, 6)
     finally:
         server.stop()
     report["sigterm"] = await sigterm_under_load(args.demo_dir, capacity * 3, cpus)
@@ -244,18 +184,29 @@ async def sigterm_under_load(demo_dir: Path, rate: float, cpus: str) -> dict[str
     server = Server(demo_dir, drain=2, cpus=cpus)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         traffic = Traffic(pb_grpc.PolyglotStub(channel))
-        await closed_loop(traffic, 8, 2)
+        await closed_loop(traffic.call, 8, seconds=2)
         loop = asyncio.get_running_loop()
         loop.call_later(3, server.process.send_signal, signal.SIGTERM)
-        run = await open_loop(traffic, "sigterm at 3x", rate, 8, seed=4)
-    exit_code = server.process.wait(timeout=60)
-    summary = run.summary()
-    summary["exit_code"] = exit_code
-    summary["unavailable_details"] = dict(
-        Counter(o.details[:60] for o in run.outcomes if o.code == "UNAVAILABLE").most_common(4)
+        run = await open_loop(traffic.call, rate, 8, seed=4)
+    result = summary("sigterm at 3x", run, traffic)
+    result["exit_code"] = server.process.wait(timeout=60)
+    result["unavailable_details"] = dict(
+        Counter(s.details[:60] for s in run.samples if s.code == "UNAVAILABLE").most_common(4)
     )
-    summary["cancelled"] = sum(o.code == "CANCELLED" for o in run.outcomes)
-    return summary
+    result["cancelled"] = sum(s.code == "CANCELLED" for s in run.samples)
+    return result
+
+
+def p50_by_second(result: LoadResult, seconds: int) -> list[float | None]:
+    """The p50 of the requests that began in each second of a run."""
+    began = min(s.started for s in result.samples)
+    by_second: list[float | None] = []
+    for k in range(seconds):
+        window = [
+            s.latency * 1000 for s in result.samples if s.code == "OK" and k <= s.started - began < k + 1
+        ]
+        by_second.append(round(float(np.percentile(window, 50)), 1) if window else None)
+    return by_second
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -14,9 +14,10 @@ import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, NoReturn
 
 import grpc
 from grpc import aio
@@ -162,7 +163,7 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _fail(
         self, exc: BaseException, rpc: str, request_id: str, context: aio.ServicerContext, outcome: Outcome
-    ) -> None:
+    ) -> NoReturn:
         """Turn an error into the call's status, recorded in `outcome`."""
         if isinstance(exc, _Abort):
             outcome.code = exc.code.name
@@ -172,11 +173,7 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed (request id %s)", rpc, request_id, exc_info=exc)
         await context.abort(code, client_message(exc, request_id))
-
-    def _departed(self, context: aio.ServicerContext, outcome: Outcome) -> None:
-        """The handler was cancelled: the client went away, or its deadline passed."""
-        remaining = context.time_remaining()
-        outcome.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        raise RuntimeError("context.abort returned")  # it raises AbortError
 
     # ---------------------------------------------------------------------------------------- handlers
 
@@ -184,26 +181,13 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, behavior: Callable[..., Awaitable[Any]]
     ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
-            label = _NO_MODEL
-            with self.metrics.request(rpc) as outcome:
-                request_id = ""
-                try:
-                    with self._admitted(rpc, context, outcome) as request_id:
-                        _refuse_undecodable(request, rpc)
-                        label = self.model_label(rpc, request)
-                        outcome.model = label
-                        async with _answer_before_deadline(context):
-                            response = await behavior(request, context)
-                    self._count_tokens(label, response)
-                    return response
-                except aio.AbortError:
-                    outcome.code = _aborted(context)
-                    raise
-                except asyncio.CancelledError:
-                    self._departed(context, outcome)
-                    raise
-                except Exception as exc:
-                    await self._fail(exc, rpc, request_id, context, outcome)
+            async with _Guard(self, rpc, context) as guard:
+                _refuse_undecodable(request, rpc)
+                guard.outcome.model = label = self.model_label(rpc, request)
+                async with _answer_before_deadline(context):
+                    response = await behavior(request, context)
+                self._count_tokens(label, response)
+                return response
 
         return wrapped
 
@@ -211,24 +195,12 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            with self.metrics.request(rpc) as outcome:
-                request_id = ""
-                try:
-                    with self._admitted(rpc, context, outcome) as request_id:
-                        _refuse_undecodable(request, rpc)
-                        label = self.model_label(rpc, request)
-                        outcome.model = label
-                        async for response in behavior(request, context):
-                            self._count_tokens(label, response)
-                            yield response
-                except aio.AbortError:
-                    outcome.code = _aborted(context)
-                    raise
-                except asyncio.CancelledError:
-                    self._departed(context, outcome)
-                    raise
-                except Exception as exc:
-                    await self._fail(exc, rpc, request_id, context, outcome)
+            async with _Guard(self, rpc, context) as guard:
+                _refuse_undecodable(request, rpc)
+                guard.outcome.model = label = self.model_label(rpc, request)
+                async for response in behavior(request, context):
+                    self._count_tokens(label, response)
+                    yield response
 
         return wrapped
 
@@ -236,21 +208,10 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, behavior: Callable[..., Awaitable[Any]]
     ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(requests: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
-            with self.metrics.request(rpc) as outcome:
-                request_id = ""
-                try:
-                    with self._admitted(rpc, context, outcome) as request_id:
-                        response = await behavior(_checked(requests, rpc), context)
-                    self._count_tokens(_NO_MODEL, response)
-                    return response
-                except aio.AbortError:
-                    outcome.code = _aborted(context)
-                    raise
-                except asyncio.CancelledError:
-                    self._departed(context, outcome)
-                    raise
-                except Exception as exc:
-                    await self._fail(exc, rpc, request_id, context, outcome)
+            async with _Guard(self, rpc, context):
+                response = await behavior(_checked(requests, rpc), context)
+                self._count_tokens(_NO_MODEL, response)
+                return response
 
         return wrapped
 
@@ -258,23 +219,51 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
-            with self.metrics.request(rpc) as outcome:
-                request_id = ""
-                try:
-                    with self._admitted(rpc, context, outcome) as request_id:
-                        async for response in behavior(_checked(requests, rpc), context):
-                            self._count_tokens(_NO_MODEL, response)
-                            yield response
-                except aio.AbortError:
-                    outcome.code = _aborted(context)
-                    raise
-                except asyncio.CancelledError:
-                    self._departed(context, outcome)
-                    raise
-                except Exception as exc:
-                    await self._fail(exc, rpc, request_id, context, outcome)
+            async with _Guard(self, rpc, context):
+                async for response in behavior(_checked(requests, rpc), context):
+                    self._count_tokens(_NO_MODEL, response)
+                    yield response
 
         return wrapped
+
+
+class _Guard:
+    """One RPC from arrival to status: metrics around it all, then request id, key, admission and deadline
+    (`GatewayInterceptor._admitted`); on the way out, domain errors become statuses, and a call that was
+    cancelled is counted as CANCELLED or DEADLINE_EXCEEDED. Never swallows an exception."""
+
+    def __init__(self, interceptor: GatewayInterceptor, rpc: str, context: aio.ServicerContext) -> None:
+        self.interceptor, self.rpc, self.context = interceptor, rpc, context
+        self.request_id = ""
+        self._stack = ExitStack()
+        self.outcome = self._stack.enter_context(interceptor.metrics.request(rpc))
+
+    async def __aenter__(self) -> _Guard:
+        try:
+            self.request_id = self._stack.enter_context(
+                self.interceptor._admitted(self.rpc, self.context, self.outcome)
+            )
+        except Exception as exc:
+            try:
+                await self.interceptor._fail(exc, self.rpc, self.request_id, self.context, self.outcome)
+            finally:
+                self._stack.close()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        try:
+            if isinstance(exc, aio.AbortError):
+                self.outcome.code = _aborted(self.context)
+            elif isinstance(exc, asyncio.CancelledError):  # the client went away, or its deadline passed
+                remaining = self.context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                self.outcome.code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+            elif isinstance(exc, Exception):
+                await self.interceptor._fail(exc, self.rpc, self.request_id, self.context, self.outcome)
+        finally:
+            self._stack.close()
 
 
 @asynccontextmanager

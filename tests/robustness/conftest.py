@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,14 +115,21 @@ def wait_serving(served: Served, credentials: grpc.ChannelCredentials | None = N
     raise AssertionError("the server did not become SERVING")
 
 
-@pytest.fixture(scope="module")
-def hostile_server(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    served = serve(exported, tmp_path_factory.mktemp("hostile"))
+@contextmanager
+def running(exported: Exported, work: Path, extra: dict[str, Any] | None = None) -> Iterator[Served]:
+    """A server for a module's tests; when they end it must stop cleanly, having logged no traceback."""
+    served = serve(exported, work, extra)
     try:
         yield served
     finally:
         log = served.stop()
         assert "Traceback" not in log, log[-5000:]
+
+
+@pytest.fixture(scope="module")
+def hostile_server(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with running(exported, tmp_path_factory.mktemp("hostile")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

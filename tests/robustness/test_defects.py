@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.manifest import Manifest, Task
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
-from tests.robustness.conftest import Served, serve, still_serving
+from tests.robustness.conftest import Served, running, still_serving
 
 Exported = Callable[[Task], tuple[Path, Manifest]]
 Stub = polyglot_pb2_grpc.PolyglotStub
@@ -27,16 +27,9 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 @pytest.fixture(scope="module")
 def default_server(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """The default limits (20,000 characters a text, 1,000,000 a request), a small queue for parts."""
-    served = serve(
-        exported,
-        tmp_path_factory.mktemp("defaults"),
-        {"limits": {}, "batching": {"max_queue_size": 64, "max_batch_size": 8}},
-    )
-    try:
+    settings = {"limits": {}, "batching": {"max_queue_size": 64, "max_batch_size": 8}}
+    with running(exported, tmp_path_factory.mktemp("defaults"), settings) as served:
         yield served
-    finally:
-        log = served.stop()
-        assert "Traceback" not in log, log[-5000:]
 
 
 @pytest.fixture(scope="module")
