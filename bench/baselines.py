@@ -9,7 +9,6 @@ as time, and a GPU engine's time includes waiting for its kernels.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 import time
@@ -21,8 +20,10 @@ from typing import Any, Literal
 import numpy as np
 
 from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
+from gateway.decoding.batch import StepParts
+from gateway.decoding.engine import Engine, EngineSettings
+from gateway.decoding.search import DecodingOptions, GenerationItem
 from gateway.manifest import Manifest
-from gateway.tasks.generation import DecodingOptions, GenerationItem, Generator
 from gateway.tokenization import pad_batch
 
 Batch = list[list[int]]  # token ids with special tokens, one row per text
@@ -185,7 +186,8 @@ class OrtTranslator:
         eos = manifest.special_tokens.eos_id
         assert eos is not None
         assert manifest.translation is not None
-        self.generator = Generator(dict(parts), eos, manifest.special_tokens.pad_id)
+        settings = EngineSettings(max_batch_size=1 << 20, max_batch_tokens=1 << 40)
+        self.engine = Engine("bench", StepParts.of(parts), eos, manifest.special_tokens.pad_id, settings)
         self.start = manifest.translation.decoder_start_token_id
         self.name = f"onnxruntime-{variant}"
 
@@ -194,7 +196,9 @@ class OrtTranslator:
             GenerationItem(row, (self.start, target_id), new_tokens, DecodingOptions(), i)
             for i, row in enumerate(batch)
         ]
-        return [d.tokens[0] for d in asyncio.run(self.generator.generate(items))]
+        future = self.engine.submit(items)
+        self.engine.run_all()
+        return [d.tokens[0] for d in future.result().decoded]
 
 
 def convert_ctranslate2(checkpoint: Path, out: Path) -> Path:

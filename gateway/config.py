@@ -37,9 +37,13 @@ class BatchingConfig(_Frozen):
     # Padded / real tokens allowed in a batch; 0: no limit. 1.5 measured: on 2 CPU cores under mixed-length
     # load it doubled throughput at concurrency 8 (bench/results/2026-11-22-vm-padding-ratio).
     max_padding_ratio: float = Field(1.5, ge=0)
+    # Translation in-process: texts join and leave the decoding batch at every step (continuous), or a
+    # batch decodes to its end before the next one forms (static, for comparison). The engine takes up to
+    # max_batch_size rows (beams count), max_batch_tokens cached tokens, and max_queue_size waiting texts.
+    scheduling: Literal["continuous", "static"] = "continuous"
 
     def settings(self, remote: bool = False) -> BatcherSettings:
-        values = self.model_dump()
+        values = self.model_dump(exclude={"scheduling"})
         if values["max_concurrent_batches"] is None:
             values["max_concurrent_batches"] = 4 if remote else 1
         return BatcherSettings(**values)

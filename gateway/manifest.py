@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+# 2: translation exports hold encoder, cross_kv and decoder_step (the engine's graphs).
+FORMAT_VERSION = 2
 
 Task = Literal["token-classification", "embedding", "fill-mask", "translation"]
 TASKS: tuple[Task, ...] = ("token-classification", "embedding", "fill-mask", "translation")

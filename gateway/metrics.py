@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from gateway.batcher import BatchStats
+from gateway.decoding.engine import StepStats
 from gateway.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -91,6 +92,39 @@ class Metrics:
         )
         self.input_tokens = Counter("pgw_input_tokens", "Tokens read.", ["model"], registry=r)
         self.output_tokens = Counter("pgw_output_tokens", "Tokens generated.", ["model"], registry=r)
+        self.engine_rows = Gauge(
+            "pgw_engine_rows_in_flight",
+            "Rows (texts times their beams or samples) decoding in the translation engine.",
+            ["model", "variant"],
+            registry=r,
+        )
+        self.engine_admissions = Histogram(
+            "pgw_engine_admissions",
+            "Texts that joined the translation batch, per decoder step.",
+            ["model", "variant"],
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.engine_step_seconds = Histogram(
+            "pgw_engine_step_duration_seconds",
+            "Time of one translation decoder step (every row in flight).",
+            ["model", "variant"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "pgw_generated_tokens",
+            "Tokens the translation engine generated.",
+            ["model", "variant"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "pgw_time_to_first_token_seconds",
+            "From a translation request's arrival at the engine to its first generated token, per text.",
+            ["model", "variant"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.model_info = Gauge(
             "pgw_model_info",
             "1 for every served model, labelled with what serves it.",
@@ -137,8 +171,38 @@ class Metrics:
 
         return observe
 
+    def engine_observer(self, model: str, variant: str) -> Callable[[StepStats], None]:
+        """A decoding engine observer recording its steps under (model, variant). A step is the engine's
+        batch: the batch histograms get its rows, cached tokens and time; the queue histogram how long each
+        text waited to join."""
+        admissions = self.engine_admissions.labels(model, variant)
+        step = self.engine_step_seconds.labels(model, variant)
+        tokens = self.generated_tokens.labels(model, variant)
+        first = self.time_to_first_token.labels(model, variant)
+        queue = self.queue_seconds.labels(model, variant)
+        inference = self.inference_seconds.labels(model, variant)
+        size = self.batch_size.labels(model, variant)
+        cached = self.batch_tokens.labels(model, variant)
+
+        def observe(stats: StepStats) -> None:
+            admissions.observe(stats.admitted)
+            step.observe(stats.seconds)
+            inference.observe(stats.seconds)
+            size.observe(stats.rows)
+            cached.observe(stats.cached_tokens)
+            tokens.inc(stats.new_tokens)
+            for seconds in stats.first_tokens:
+                first.observe(seconds)
+            for seconds in stats.waited:
+                queue.observe(seconds)
+
+        return observe
+
     def track_queue_depth(self, model: str, variant: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model, variant).set_function(lambda: float(depth()))
+
+    def track_engine_rows(self, model: str, variant: str, rows: Callable[[], int]) -> None:
+        self.engine_rows.labels(model, variant).set_function(lambda: float(rows()))
 
     def count_tokens(self, model: str, input_tokens: int, output_tokens: int = 0) -> None:
         self.input_tokens.labels(model).inc(input_tokens)

@@ -26,11 +26,11 @@ from grpc_reflection.v1alpha import reflection
 from gateway.admission import Admission
 from gateway.auth import ApiKeys
 from gateway.backends.onnxruntime import OrtSettings
-from gateway.batcher import DynamicBatcher
 from gateway.config import ModelConfig, ServerConfig
+from gateway.decoding.engine import Engine
 from gateway.errors import InvalidInput
 from gateway.interceptors import GatewayInterceptor
-from gateway.manifest import Task
+from gateway.manifest import FORMAT_VERSION, Manifest, Task
 from gateway.metrics import Metrics
 from gateway.offload import behind_the_loop
 from gateway.pb.polyglot.v1 import polyglot_pb2, polyglot_pb2_grpc
@@ -61,7 +61,7 @@ DEMO_MODELS: tuple[tuple[str, str, Task], ...] = (
 def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
     """Build and export the tiny demo models under `directory` on first use (needs the export extra)."""
     exports = directory / "exports"
-    missing = [entry for entry in DEMO_MODELS if not (exports / entry[0] / "manifest.json").is_file()]
+    missing = [entry for entry in DEMO_MODELS if not _current(exports / entry[0])]
     if missing:
         try:
             from gateway.export.demo import build_demo_models
@@ -80,6 +80,14 @@ def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
     return tuple(ModelConfig(name=name, path=exports / name) for name, _, _ in DEMO_MODELS)
 
 
+def _current(export: Path) -> bool:
+    """An export this version serves as it is (a demo export of an older format is made again)."""
+    try:
+        return Manifest.read(export).format_version >= FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def _task_model(
     loaded: LoadedModel, config: ServerConfig, model: ModelConfig, metrics: Metrics
 ) -> BatchedTask[Any, Any]:
@@ -90,8 +98,15 @@ def _task_model(
         limits = dataclasses.replace(limits, max_in_flight=model.max_in_flight)
     task = loaded.manifest.task
     if task == "translation":
+        batching = model.batching or config.batching
         return TranslationModel(
-            loaded, settings, observer, limits, max_new_tokens=config.limits.max_new_tokens
+            loaded,
+            settings,
+            observer,
+            limits,
+            max_new_tokens=config.limits.max_new_tokens,
+            scheduling=batching.scheduling,
+            engine_observer=metrics.engine_observer(model.name, loaded.variant.name),
         )
     if task == "token-classification":
         return TokenClassificationModel(loaded, settings, observer, limits)
@@ -100,8 +115,12 @@ def _task_model(
     return FillMaskModel(loaded, settings, observer, limits)
 
 
-def _depth(batcher: DynamicBatcher[Any, Any]) -> int:
-    return batcher.queue_depth
+def _depth(task: BatchedTask[Any, Any]) -> int:
+    return task.queue_depth
+
+
+def _rows(engine: Engine) -> int:
+    return engine.rows_in_flight
 
 
 def _triton_pool(config: ServerConfig, registry: Registry) -> TritonPool:
@@ -150,7 +169,9 @@ def build_registry(config: ServerConfig, metrics: Metrics) -> Registry:
             backend.device,
             backend.provider,
         )
-        metrics.track_queue_depth(model.name, loaded.variant.name, partial(_depth, task_model.batcher))
+        metrics.track_queue_depth(model.name, loaded.variant.name, partial(_depth, task_model))
+        if isinstance(task_model, TranslationModel) and task_model.engine is not None:
+            metrics.track_engine_rows(model.name, loaded.variant.name, partial(_rows, task_model.engine))
         log.info(
             "model %s: task %s, variant %s, %s on %s (%s)%s",
             model.name,

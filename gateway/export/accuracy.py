@@ -13,15 +13,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
+from gateway.decoding.batch import Batch, StepParts
+from gateway.decoding.engine import Engine, EngineSettings
+from gateway.decoding.search import DecodingOptions, GenerationItem
 from gateway.export.onnx import EMBEDDING_OUTPUTS
 from gateway.manifest import AccuracyReport
 from gateway.samples import probe_sentences
@@ -184,71 +189,42 @@ def fill_mask_report(
 # ------------------------------------------------------------------------------------------- translation
 
 
-@dataclass
-class OnnxSeq2Seq:
-    """The exported encoder / decoder / decoder-with-past, stepped one token at a time."""
+def translation_engine(parts: dict[str, Path], provider: str, eos: int, pad: int) -> Engine:
+    """The served decoding engine over exported translation parts, run in this thread (`run_all`)."""
+    device: Literal["cpu", "cuda"] = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+    executor = ThreadPoolExecutor(max_workers=1)
+    backends = {
+        name: OnnxRuntimeBackend(path, OrtSettings(device=device), executor) for name, path in parts.items()
+    }
+    settings = EngineSettings(max_batch_size=512, max_batch_tokens=1 << 24)
+    return Engine("accuracy", StepParts.of(backends), eos, pad, settings)
 
-    encoder: ort.InferenceSession
-    decoder: ort.InferenceSession
-    decoder_with_past: ort.InferenceSession
-    _present_names: list[str] = field(default_factory=list)
 
-    @classmethod
-    def load(cls, parts: dict[str, Path], provider: str = "CPUExecutionProvider") -> OnnxSeq2Seq:
-        return cls(*(session(parts[name], provider) for name in ("encoder", "decoder", "decoder_with_past")))
-
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        hidden: np.ndarray = self.encoder.run(["last_hidden_state"], feed)[0]
-        return hidden
-
-    def first(
-        self, tokens: np.ndarray, hidden: np.ndarray, attention_mask: np.ndarray
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run the decoder on the start tokens [batch, n]: logits [batch, n, vocab] and the cache."""
-        names = [o.name for o in self.decoder.get_outputs()]
-        feed = {
-            "input_ids": tokens,
-            "encoder_hidden_states": hidden,
-            "encoder_attention_mask": attention_mask,
-        }
-        out = dict(zip(names, self.decoder.run(names, _feed(self.decoder, feed)), strict=True))
-        cache = {
-            k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present")
-        }
-        return out["logits"], cache
-
-    def step(
-        self, tokens: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One token per sequence [batch, 1] with the cache: logits [batch, 1, vocab] and the new cache."""
-        names = [o.name for o in self.decoder_with_past.get_outputs()]
-        feed = {"input_ids": tokens, "encoder_attention_mask": attention_mask, **cache}
-        out = dict(
-            zip(names, self.decoder_with_past.run(names, _feed(self.decoder_with_past, feed)), strict=True)
+def engine_greedy(
+    engine: Engine,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    start: np.ndarray,
+    new_tokens: int,
+    eos: int,
+) -> np.ndarray:
+    """Greedy decoding after the forced `start` tokens [batch, 2], as the server decodes: [batch, 2 + n]
+    with rows that ended padded with `eos`."""
+    items = [
+        GenerationItem(
+            ids[mask.astype(bool)].tolist(), (int(s[0]), int(s[1])), new_tokens, DecodingOptions(), i
         )
-        # The cross-attention cache never changes; the self-attention cache grows by one position.
-        updated = {
-            k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present")
-        }
-        return out["logits"], cache | updated
-
-    def greedy(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, start: np.ndarray, new_tokens: int, eos: int
-    ) -> np.ndarray:
-        """Greedy decoding after the forced `start` tokens [batch, n]; finished rows repeat `eos`."""
-        hidden = self.encode(input_ids, attention_mask)
-        logits, cache = self.first(start, hidden, attention_mask)
-        sequence = [start]
-        done = np.zeros(len(start), dtype=bool)
-        for index in range(new_tokens):
-            token = np.where(done, eos, logits[:, -1].argmax(-1)).astype(np.int64)[:, None]
-            sequence.append(token)
-            done |= token[:, 0] == eos
-            if done.all() or index == new_tokens - 1:
-                break
-            logits, cache = self.step(token, attention_mask, cache)
-        return np.concatenate(sequence, axis=1)
+        for i, (ids, mask, s) in enumerate(zip(input_ids, attention_mask, start, strict=True))
+    ]
+    future = engine.submit(items)
+    engine.run_all()
+    rows = [d.tokens[0] for d in future.result().decoded]
+    width = max(len(r) for r in rows) + 1
+    out = np.full((len(rows), start.shape[1] + width), eos, dtype=np.int64)
+    out[:, : start.shape[1]] = start
+    for i, row in enumerate(rows):
+        out[i, start.shape[1] : start.shape[1] + len(row)] = row
+    return out
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -257,21 +233,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def teacher_forced_logprobs(
-    model: OnnxSeq2Seq,
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    decoder_ids: np.ndarray,
-    forced: int,
+    parts: StepParts, pad: int, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_ids: np.ndarray
 ) -> np.ndarray:
-    """Log-probabilities [batch, steps, vocab] for `decoder_ids`, the first `forced` fed at once, then
-    one token per step through the cache."""
-    hidden = model.encode(input_ids, attention_mask)
-    logits, cache = model.first(decoder_ids[:, :forced], hidden, attention_mask)
-    steps = [logits]
-    for index in range(forced, decoder_ids.shape[1]):
-        logits, cache = model.step(decoder_ids[:, index : index + 1], attention_mask, cache)
-        steps.append(logits)
-    return _log_softmax(np.concatenate(steps, axis=1))
+    """Log-probabilities [batch, steps, vocab] of the decoder fed `decoder_ids` one token per step through
+    its cache, as the engine runs it: position p predicts token p + 1."""
+    batch = Batch(parts, pad)
+    sources = [ids[mask.astype(bool)].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+    cross_kv, source_mask = batch.encode(sources)
+    batch.join(cross_kv, source_mask, [1] * len(sources))
+    steps = [
+        batch.step(decoder_ids[:, p], np.full(len(sources), p, dtype=np.int64))
+        for p in range(decoder_ids.shape[1])
+    ]
+    return _log_softmax(np.stack(steps, axis=1))
 
 
 def translation_probe_pairs(languages: Sequence[str]) -> list[tuple[str, str, str]]:
@@ -329,15 +303,20 @@ def translation_report(
         forced_logits = reference(
             **_torch(inputs), decoder_input_ids=torch.from_numpy(expected)
         ).logits.numpy()
-    onnx_model = OnnxSeq2Seq.load(parts, provider)
-    got = onnx_model.greedy(inputs["input_ids"], inputs["attention_mask"], start, TRANSLATION_NEW_TOKENS, eos)
+    pad = int(tokenizer.pad_token_id)
+    engine = translation_engine(parts, provider, eos, pad)
+    got = engine_greedy(
+        engine, inputs["input_ids"], inputs["attention_mask"], start, TRANSLATION_NEW_TOKENS, eos
+    )
     width = max(expected.shape[1], got.shape[1])
     expected_new = _pad(expected, width, eos)[:, start.shape[1] :]
     got_new = _pad(got, width, eos)[:, start.shape[1] :]
     # After a row ends, generate() pads with pad_id and our loop repeats </s>: positions past the reference's
     # end token say nothing about the export, so each row is compared up to and including it.
     compared = _through_end(expected_new, eos)
-    logprobs = teacher_forced_logprobs(onnx_model, inputs["input_ids"], inputs["attention_mask"], expected, 2)
+    logprobs = teacher_forced_logprobs(
+        engine.batch.parts, pad, inputs["input_ids"], inputs["attention_mask"], expected
+    )
     reference_logprobs = _log_softmax(forced_logits)
     # Position p predicts token p + 1: the forced language token, then each new token up to and including
     # the end (the last position predicts past the reference and is left out).

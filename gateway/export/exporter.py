@@ -19,6 +19,7 @@ from gateway.errors import ExportError, InvalidInput
 from gateway.export import accuracy, loaders
 from gateway.export import onnx as onnx_export
 from gateway.export.demo import read_demo_info
+from gateway.export.seq2seq import export_translation
 from gateway.export.variants import convert_fp16, in_own_process, onnx_size, quantize_int8
 from gateway.languages import flores200_codes
 from gateway.manifest import (
@@ -151,7 +152,7 @@ class _Exporter:
             return {"model": onnx_export.export_embedding(self.torch_model.encoder, target / "model.onnx")}
         if self.task == "fill-mask":
             return {"model": onnx_export.export_fill_mask(self.torch_model, target / "model.onnx")}
-        return onnx_export.export_seq2seq(self.torch_model, target)
+        return export_translation(self.torch_model, target)
 
     def _derive(self, name: VariantName, fp32: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Any]]:
         self.on_step(f"make {name}")
@@ -283,7 +284,7 @@ class _Exporter:
         self.out.mkdir(parents=True)
         started = time.perf_counter()
         fp32 = self._fp32_parts()
-        exporter = "optimum" if self.task == "translation" else "torch.onnx"
+        exporter = "torch.onnx"
         made: dict[str, tuple[dict[str, Path], dict[str, Any], float]] = {
             "fp32": (fp32, {"exporter": exporter}, time.perf_counter() - started)
         }

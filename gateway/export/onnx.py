@@ -4,15 +4,12 @@
   classification; pooled (mean and CLS) and L2-normalized vectors for embeddings, so only [batch, hidden]
   leaves the runtime; top-k probabilities at the requested positions for fill-mask, so the vocabulary
   projection runs on mask positions only.
-- The translation model exports through optimum as an encoder, a first-step decoder and a decoder that takes
-  and returns the key/value cache (with-past), kept as separate files: merged, the full-size NLLB decoder
-  exceeds protobuf's 2 GB limit.
+- The translation model exports as the decoding engine runs it (`seq2seq.py`): an encoder, the decoder's
+  cross-attention projections, and a decoder step with per-row positions and cache masks.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,13 +26,7 @@ EMBEDDING_OUTPUTS = {
     "cls_normalized": "embedding_cls_normalized",
 }
 FILL_MASK_TOP_K = 50
-SEQ2SEQ_FILES = {
-    "encoder": "encoder_model.onnx",
-    "decoder": "decoder_model.onnx",
-    "decoder_with_past": "decoder_with_past_model.onnx",
-}
 OPSET = 17  # encoders: the opset the ONNX Runtime fusions are written against
-SEQ2SEQ_OPSET = 18  # what optimum asks for M2M100
 _TWO_GB = 2**31
 
 
@@ -208,24 +199,3 @@ def export_fill_mask(model: PreTrainedModel, path: Path) -> Path:
             "top_token_ids": mask_axes,
         },
     )
-
-
-def export_seq2seq(model: PreTrainedModel, out_dir: Path) -> dict[str, Path]:
-    """Encoder, decoder and decoder-with-past ONNX files in `out_dir` (see SEQ2SEQ_FILES)."""
-    from optimum.exporters.onnx import onnx_export_from_model
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_export_from_model(
-            model,
-            output=tmp,
-            task="text2text-generation-with-past",
-            opset=SEQ2SEQ_OPSET,
-            no_post_process=True,  # keep decoder and decoder_with_past apart (see module docstring)
-            do_validation=False,  # accuracy.py compares every variant with PyTorch instead
-        )
-        for file in Path(tmp).iterdir():
-            if file.name.endswith((".onnx", ".onnx_data")) or file.name.endswith("_data"):
-                shutil.move(str(file), out_dir / file.name)
-    return {part: out_dir / name for part, name in SEQ2SEQ_FILES.items()}

@@ -130,6 +130,11 @@ class BatchedTask(Generic[In, Out]):
         self.rows_in_flight = 0
         self.throughput = Throughput()
 
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting to run."""
+        return self.batcher.queue_depth
+
     def start(self) -> None:
         self.batcher.start()
 

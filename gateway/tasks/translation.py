@@ -1,32 +1,25 @@
-"""Translation: NLLB language codes and tokenization here; the decoding loop (`generation.py`) runs either
-in-process over the exported parts or in Triton's Python-backend translation model (a `generate` part).
-
-Each text is one batcher item. A batch runs the encoder once; items then decode in groups that share their
-decoding settings, whatever their target languages. Rows that finish leave the batch (and the cache), so
-short translations do not pay for long ones.
+"""Translation: NLLB language codes, validation and tokenization here; decoding in the model's engine
+(`gateway.decoding.engine`: continuous batching on a thread of its own, in-process), or in Triton's
+Python-backend translation model, which runs the same engine (a `generate` part, reached through the
+batcher and the wire format of `gateway.triton.wire`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.batcher import BatcherSettings, Observer, Timed
+from gateway.batcher import BatcherSettings, Observer
+from gateway.decoding.batch import StepParts
+from gateway.decoding.engine import Decodings, Engine, EngineSettings, Scheduling, StepStats, TokenSink
+from gateway.decoding.search import Decoded, DecodingOptions, GenerationItem, SamplingOptions
 from gateway.errors import InvalidInput
 from gateway.languages import resolve_language
-from gateway.offload import LoopThread, off_loop
+from gateway.offload import off_loop
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
-from gateway.tasks.generation import (
-    Decoded,
-    DecodingOptions,
-    GenerationItem,
-    Generator,
-    SamplingOptions,
-    pack_items,
-    unpack_decoded,
-)
 
 MAX_BEAMS = 16
 MAX_SAMPLES = 16  # num_return with sampling
@@ -78,6 +71,8 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         observer: Observer | None = None,
         limits: TextLimits = DEFAULT_LIMITS,
         max_new_tokens: int | None = None,
+        scheduling: Scheduling = "continuous",
+        engine_observer: Callable[[StepStats], None] | None = None,
     ) -> None:
         info = model.manifest.translation
         special = model.manifest.special_tokens
@@ -88,27 +83,47 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         self.pad = special.pad_id
         # The smaller of the export's and the server's caps on generated tokens.
         self.max_new_tokens = min(info.max_new_tokens, max_new_tokens or info.max_new_tokens)
-        self._generate: Callable[[list[GenerationItem]], Awaitable[list[Decoded]]]
-        self._decoding: LoopThread | None = None
-        if "generate" in model.parts:  # the loop runs remotely (Triton)
-            self._generate = self._remote
-        else:  # in-process: on a loop of its own, off the server's
-            self._decoding = LoopThread(f"decode-{model.name}")
-            self._generate = self._local
-            self._generator = Generator(model.parts, self.eos, self.pad)
+        self.engine: Engine | None = None
+        if "generate" not in model.parts:  # in-process: the engine; else Triton runs it
+            engine_settings = EngineSettings(
+                settings.max_batch_size, settings.max_batch_tokens, settings.max_queue_size, scheduling
+            )
+            self.engine = Engine(
+                model.name, StepParts.of(model.parts), self.eos, self.pad, engine_settings, engine_observer
+            )
         super().__init__(model, settings, observer, limits)
 
-    async def _local(self, items: list[GenerationItem]) -> list[Decoded]:
-        assert self._decoding is not None
-        return await self._decoding.run(self._generator.generate(items))
+    @property
+    def queue_depth(self) -> int:
+        return self.engine.waiting if self.engine is not None else self.batcher.queue_depth
+
+    def start(self) -> None:
+        if self.engine is not None:
+            self.engine.start()
+        else:
+            super().start()
 
     async def close(self) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
         await super().close()
-        if self._decoding is not None:
-            self._decoding.close()
 
-    async def _remote(self, items: list[GenerationItem]) -> list[Decoded]:
+    async def _run(self, items: list[GenerationItem]) -> list[Decoded]:
+        """A batch for Triton's translation model (the remote path)."""
+        from gateway.triton.wire import pack_items, unpack_decoded
+
         return unpack_decoded(await self.model.parts["generate"].run(pack_items(items, self.pad)))
+
+    async def _decode(
+        self, items: list[GenerationItem], deadline: float | None, sink: TokenSink | None = None
+    ) -> Decodings:
+        """The engine's results for a request's texts; leaving early takes its rows out of the batch."""
+        assert self.engine is not None
+        future = self.engine.submit(items, deadline, sink)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()  # no-op once it is done
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -148,22 +163,31 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
                 raise InvalidInput(f"options.sampling.top_k: {s.top_k} must be >= 0")
         return source, target, o.max_new_tokens or cap
 
-    async def translate(self, request: TranslateInput) -> TranslateOutput:
+    async def translate(self, request: TranslateInput, sink: TokenSink | None = None) -> TranslateOutput:
+        """Translate a request's texts; `sink` (in-process engine only) gets each token as it is chosen."""
         source, target, limit = self.validate(request)
         size = sum(map(len, request.texts))
         texts, rows = len(request.texts), request.options.rows
-        with self.serving(texts, request.deadline, rows=texts * rows) as held:
-            items, truncated = await off_loop(size, self._items, request, source, target, limit)
-            timed = await self.batcher.submit_all(
-                [(item, len(item.source)) for item in items], request.deadline, rows, held
-            )
-            translations, output_tokens = await off_loop(size, self._translations, request, timed, truncated)
+        if self.engine is None:  # Triton: through the batcher
+            with self.serving(texts, request.deadline, rows=texts * rows) as held:
+                items, truncated = await off_loop(size, self._items, request, source, target, limit)
+                timed = await self.batcher.submit_all(
+                    [(item, len(item.source)) for item in items], request.deadline, rows, held
+                )
+            decoded, timing = [t.value for t in timed], Timing.of(timed)
+        else:
+            with self.admitted(texts * rows, request.deadline):
+                items, truncated = await off_loop(size, self._items, request, source, target, limit)
+                result = await self._decode(items, request.deadline, sink)
+            decoded = result.decoded
+            timing = Timing(1000 * result.queue_seconds, 1000 * result.run_seconds)
+        translations, output_tokens = await off_loop(size, self._translations, request, decoded, truncated)
         return TranslateOutput(
             translations=translations,
             source_lang=source,
             target_lang=target,
             usage=Usage(sum(len(item.source) for item in items), output_tokens),
-            timing=Timing.of(timed),
+            timing=timing,
         )
 
     def _items(
@@ -183,12 +207,11 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         return items, truncated
 
     def _translations(
-        self, request: TranslateInput, timed: list[Timed[Decoded]], truncated: list[bool]
+        self, request: TranslateInput, results: list[Decoded], truncated: list[bool]
     ) -> tuple[list[Translation], int]:
         translations = []
         output_tokens = 0
-        for result, was_cut in zip(timed, truncated, strict=True):
-            decoded = result.value
+        for decoded, was_cut in zip(results, truncated, strict=True):
             texts = self.model.tokenizer.decode_batch(decoded.tokens)
             output_tokens += len(decoded.tokens[0])
             hypotheses = [
@@ -199,6 +222,3 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
             ]
             translations.append(Translation(hypotheses, was_cut))
         return translations, output_tokens
-
-    async def _run(self, items: list[GenerationItem]) -> list[Decoded]:
-        return await self._generate(items)

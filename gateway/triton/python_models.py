@@ -6,8 +6,8 @@ without it; the model classes only move tensors in and out.
 
 Triton's dynamic batcher hands `execute` several requests at once. The encoder runner pads them to one batch
 (ragged inputs: texts of different lengths), runs the graph once and cuts every output back to its request.
-The translation runner unpacks every request's items and runs them through the gateway's own decoding loop
-(`gateway.tasks.generation`) as one batch.
+The translation runner unpacks every request's items and runs them through the gateway's decoding engine
+(`gateway.decoding.engine`) together.
 
 Tensors cross the stub through DLPack: in Triton 2.51's stub, `as_numpy()` and `Tensor(name, array)` read and
 write wrong bytes when NumPy 2 is installed, while DLPack is right with NumPy 1 and 2.
@@ -15,7 +15,6 @@ write wrong bytes when NumPy 2 is installed, while DLPack is right with NumPy 1 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -25,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from gateway.backends.base import Arrays, Backend
+from gateway.backends.base import Arrays
 from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
+from gateway.decoding.batch import StepParts
+from gateway.decoding.engine import Engine, EngineSettings
 from gateway.manifest import TensorSpec
-from gateway.tasks.generation import Generator, pack_decoded, unpack_items
+from gateway.triton.wire import pack_decoded, unpack_items
 
 
 def _pad_concat(arrays: Sequence[np.ndarray], value: int) -> np.ndarray:
@@ -87,26 +88,17 @@ class EncoderRunner:
 
 
 class TranslationRunner:
-    """The gateway's decoding loop over the translation parts, for requests in the wire format."""
+    """The gateway's decoding engine over the translation parts, for requests in the wire format: each
+    `execute` call's requests decode together, to completion, in Triton's thread."""
 
-    def __init__(self, parts: dict[str, Backend], eos_id: int, pad_id: int) -> None:
-        self.generator = Generator(parts, eos_id, pad_id)
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, parts: dict[str, OnnxRuntimeBackend], eos_id: int, pad_id: int) -> None:
+        settings = EngineSettings(max_batch_size=1 << 20, max_batch_tokens=1 << 40, max_queue_size=1 << 30)
+        self.engine = Engine("triton", StepParts.of(parts), eos_id, pad_id, settings)
 
     def run(self, requests: list[Arrays]) -> list[Arrays]:
-        per_request = [unpack_items(r) for r in requests]
-        decoded = self.loop.run_until_complete(
-            self.generator.generate([item for items in per_request for item in items])
-        )
-        results = []
-        start = 0
-        for items in per_request:
-            results.append(pack_decoded(decoded[start : start + len(items)]))
-            start += len(items)
-        return results
-
-    def close(self) -> None:
-        self.loop.close()
+        futures = [self.engine.submit(unpack_items(r)) for r in requests]
+        self.engine.run_all()
+        return [pack_decoded(future.result().decoded) for future in futures]
 
 
 def load_parts(directory: Path, parts: str, settings: OrtSettings) -> dict[str, OnnxRuntimeBackend]:
@@ -205,9 +197,7 @@ class EncoderModel(_PythonModel):
 
 
 class TranslationModel(_PythonModel):
-    """Translation: the gateway's decoding loop, requests in the wire format of `gateway.tasks.generation`."""
+    """Translation: the gateway's decoding engine, requests in the wire format of `gateway.triton.wire`."""
 
     def _runner(self, parts: dict[str, OnnxRuntimeBackend]) -> TranslationRunner:
-        return TranslationRunner(
-            dict[str, Backend](parts), int(self.parameters["eos_id"]), int(self.parameters["pad_id"])
-        )
+        return TranslationRunner(parts, int(self.parameters["eos_id"]), int(self.parameters["pad_id"]))

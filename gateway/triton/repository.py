@@ -23,7 +23,7 @@ from typing import Literal
 
 from gateway.errors import InvalidInput
 from gateway.manifest import MANIFEST_NAME, Manifest, TensorSpec, Variant
-from gateway.tasks.generation import REQUEST_TENSORS, RESPONSE_TENSORS, WireTensor
+from gateway.triton.wire import REQUEST_TENSORS, RESPONSE_TENSORS, WireTensor
 
 Flavor = Literal["onnxruntime", "python"]
 Kind = Literal["auto", "cpu", "gpu"]

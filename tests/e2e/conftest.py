@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -62,14 +63,18 @@ def stub(channel: grpc.aio.Channel) -> polyglot_pb2_grpc.PolyglotStub:
 
 
 class Held:
-    """Batches of one task model held at the runtime until `release()`: tests keep work in flight by
-    construction instead of guessing with sleeps. `started` is set when a batch reaches the hold."""
+    """Work of one task model held at the runtime until `release()`: tests keep work in flight by
+    construction instead of guessing with sleeps. `started` is set when work reaches the hold: a batch of
+    the batcher, or a decoder step of a translation engine (which then blocks its thread)."""
 
     def __init__(self, model: Any) -> None:
+        self.model = model
+        self.engine = getattr(model, "engine", None)
         self.batcher = model.batcher
-        self._run = self.batcher._run_batch
         self.started = asyncio.Event()
         self._open = asyncio.Event()
+        self._thread_open = threading.Event()
+        self._loop = asyncio.get_running_loop()
         self.batches = 0
 
     async def _held(self, items: list[Any]) -> Any:
@@ -78,22 +83,41 @@ class Held:
         await self._open.wait()
         return await self._run(items)
 
+    def _held_step(self, tokens: Any, positions: Any) -> Any:
+        self.batches += 1
+        self._loop.call_soon_threadsafe(self.started.set)
+        self._thread_open.wait()
+        return self._step(tokens, positions)
+
     def __enter__(self) -> Held:
-        self.batcher._run_batch = self._held
+        if self.engine is not None:
+            self._step = self.engine.batch.step
+            self.engine.batch.step = self._held_step
+        else:
+            self._run = self.batcher._run_batch
+            self.batcher._run_batch = self._held
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-        self.batcher._run_batch = self._run
+        if self.engine is not None:
+            self.engine.batch.step = self._step
+        else:
+            self.batcher._run_batch = self._run
 
     def release(self) -> None:
         self._open.set()
+        self._thread_open.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return int(self.model.queue_depth)
 
     async def queued(self, count: int, seconds: float = 30) -> None:
-        """Wait until `count` items are queued behind the held batch (polling a condition)."""
+        """Wait until `count` items are queued behind the held work (polling a condition)."""
         deadline = time.monotonic() + seconds
-        while self.batcher.queue_depth < count:
-            assert time.monotonic() < deadline, f"{count} items never queued ({self.batcher.queue_depth})"
+        while self.queue_depth < count:
+            assert time.monotonic() < deadline, f"{count} items never queued ({self.queue_depth})"
             await asyncio.sleep(0.005)
 
 

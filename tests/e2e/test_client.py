@@ -59,7 +59,12 @@ async def test_async_client_and_translate_stream(gateway: GatewayServer) -> None
         assert "unknown language code 'xx'" in replies["bad"].error.message
         for i in range(6):
             alone = await client.translate(f"Sentence {i}.", "fra_Latn", max_new_tokens=3)
-            assert replies[f"r{i}"].translations == alone.translations
+            streamed = replies[f"r{i}"].translations
+            assert [list(h.token_ids) for t in streamed for h in t.hypotheses] == [
+                list(h.token_ids) for t in alone.translations for h in t.hypotheses
+            ]
+            scores = [h.score for t in alone.translations for h in t.hypotheses]
+            assert [h.score for t in streamed for h in t.hypotheses] == pytest.approx(scores, rel=1e-5)
         reply = await client.embed("x", pooling="cls")
         assert reply.dimensions > 0
 

@@ -8,6 +8,7 @@ import random
 import urllib.request
 
 import grpc
+import pytest
 
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
@@ -75,6 +76,12 @@ async def test_concurrent_mixed_requests_equal_their_solo_replies(stub: Stub, ga
                 assert max(abs(x - y) for x, y in zip(a.values, b.values, strict=True)) < 1e-4
         elif rpc == "FillMask":
             assert _top_ids(alone) == _top_ids(mixed)
+        elif rpc == "Translate":  # the same tokens; scores up to rounding (other batches pad otherwise)
+            assert _token_ids(alone) == _token_ids(mixed)
+            for a, b in zip(alone.translations, mixed.translations, strict=True):
+                assert [h.score for h in a.hypotheses] == pytest.approx(
+                    [h.score for h in b.hypotheses], rel=1e-5
+                )
         elif rpc == "Classify":
             assert [[t.label for t in r.tokens] for r in alone.results] == [
                 [t.label for t in r.tokens] for r in mixed.results
@@ -90,6 +97,10 @@ def _clear_timing(reply: object) -> None:
     timing = getattr(reply, "timing", None)
     if timing is not None:
         reply.ClearField("timing")  # type: ignore[attr-defined]
+
+
+def _token_ids(reply: pb.TranslateResponse) -> list[list[list[int]]]:
+    return [[list(h.token_ids) for h in t.hypotheses] for t in reply.translations]
 
 
 def _top_ids(reply: pb.FillMaskResponse) -> list[list[list[int]]]:

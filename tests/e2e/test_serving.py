@@ -137,7 +137,7 @@ async def test_the_server_answers_deadline_exceeded_itself(stub: Stub, gateway: 
             await stub.Embed(pb.EmbedRequest(texts=TEXTS), timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "did not finish within its deadline" in (caught.value.details() or "")
-        assert held.batcher.queue_depth == 0, "the expired request's texts are still queued"
+        assert held.queue_depth == 0, "the expired request's texts are still queued"
     assert (await first).embeddings
     assert held.batches == 1
 

@@ -123,10 +123,10 @@ async def test_requests_that_end_early_are_counted_as_such_and_dropped(
             assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "did not finish within its deadline" in (expired.value.details() or "")
             for _ in range(200):  # the server sees the cancellation a moment after the client
-                if held.batcher.queue_depth == 0:
+                if held.queue_depth == 0:
                     break
                 await asyncio.sleep(0.01)
-            assert held.batcher.queue_depth == 0, "the departed requests' texts are still queued"
+            assert held.queue_depth == 0, "the departed requests' texts are still queued"
         assert (await running).embeddings
         assert held.batches == 1, "a departed request's text reached the model"
     body = _metrics(limited)

@@ -3,7 +3,6 @@ Python-backend runners against the in-process path, and the error mapping."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,23 +18,21 @@ from typer.testing import CliRunner
 from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
 from gateway.backends.triton import map_error
 from gateway.cli import app
+from gateway.decoding.batch import StepParts
+from gateway.decoding.engine import Engine
+from gateway.decoding.search import Decoded, DecodingOptions, GenerationItem, SamplingOptions
 from gateway.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from gateway.manifest import Manifest, Task
-from gateway.tasks.generation import (
+from gateway.triton.python_models import EncoderRunner, TranslationRunner, load_parts
+from gateway.triton.repository import TritonOptions, render_config, render_model_py, write_repository
+from gateway.triton.wire import (
     REQUEST_TENSORS,
     RESPONSE_TENSORS,
-    Decoded,
-    DecodingOptions,
-    GenerationItem,
-    Generator,
-    SamplingOptions,
     pack_decoded,
     pack_items,
     unpack_decoded,
     unpack_items,
 )
-from gateway.triton.python_models import EncoderRunner, TranslationRunner, load_parts
-from gateway.triton.repository import TritonOptions, render_config, render_model_py, write_repository
 
 Exported = Callable[[Task], tuple[Path, Manifest]]
 TASKS: tuple[Task, ...] = ("token-classification", "embedding", "fill-mask", "translation")
@@ -221,12 +218,13 @@ def test_translation_runner_matches_the_in_process_loop(exported: Exported) -> N
         )
     ]
     runner = TranslationRunner(dict(parts), eos, pad)
-    try:
-        results = [unpack_decoded(r) for r in runner.run([pack_items(first, pad), pack_items(second, pad)])]
-    finally:
-        runner.close()
-    generator = Generator(dict(parts), eos, pad)
-    expected = [asyncio.run(generator.generate(first)), asyncio.run(generator.generate(second))]
+    results = [unpack_decoded(r) for r in runner.run([pack_items(first, pad), pack_items(second, pad)])]
+    expected = []
+    for items in (first, second):  # each request decoded alone, by a fresh engine
+        engine = Engine("alone", StepParts.of(parts), eos, pad)
+        future = engine.submit(items)
+        engine.run_all()
+        expected.append(future.result().decoded)
     for got, want in zip(results, expected, strict=True):
         assert [d.tokens for d in got] == [d.tokens for d in want]
         for g, w in zip(got, want, strict=True):

@@ -54,9 +54,10 @@ def test_translation_manifest_lists_languages(exported: Exported) -> None:
     assert info is not None
     assert len(info.languages) == 202
     assert info.language_token_ids["eng_Latn"] != info.language_token_ids["fra_Latn"]
-    assert set(manifest.variants["fp32"].parts) == {"encoder", "decoder", "decoder_with_past"}
-    names = {t.name for t in manifest.variants["fp32"].parts["decoder_with_past"].inputs}
-    assert f"past_key_values.{info.num_layers - 1}.decoder.key" in names
+    assert set(manifest.variants["fp32"].parts) == {"encoder", "cross_kv", "decoder_step"}
+    names = {t.name for t in manifest.variants["fp32"].parts["decoder_step"].inputs}
+    assert {"positions", "self_attention_mask", "encoder_attention_mask"} <= names
+    assert {f"past.{info.num_layers - 1}.key", f"cross.{info.num_layers - 1}.value"} <= names
 
 
 def test_token_classification_manifest_knows_sat(exported: Exported) -> None:

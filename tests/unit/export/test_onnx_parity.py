@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from gateway.export.accuracy import OnnxSeq2Seq
+from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
+from gateway.decoding.batch import Batch, StepParts
 from gateway.export.loaders import load_token_classifier, open_checkpoint
 from gateway.manifest import Manifest, Task
 
@@ -101,38 +103,52 @@ def test_fill_mask_top_k(exported: Exported, demo_dir: Path) -> None:
         assert (np.diff(top_p[:, column], axis=-1) <= 0).all()  # best first
 
 
-def test_decoder_logits_with_cache_for_five_steps(exported: Exported, demo_dir: Path) -> None:
+def test_decoder_step_logits_with_rows_of_different_lengths(exported: Exported, demo_dir: Path) -> None:
+    """The exported decoder step against transformers' forward: three rows fed one token per step, the
+    third joining two steps after the others (left-padded in the cache, its own positions), and a row
+    leaving in between: every row's logits equal the full forward of its own sequence."""
     out, manifest = exported("translation")
     tok = AutoTokenizer.from_pretrained(out, src_lang="eng_Latn")
-    batch = tok(TEXTS[:3], padding=True, return_tensors="np")
-    input_ids = batch["input_ids"].astype(np.int64)
-    attention_mask = batch["attention_mask"].astype(np.int64)
-    start = tok.eos_token_id
-    target = tok.convert_tokens_to_ids("fra_Latn")
+    sources = [tok(text)["input_ids"] for text in TEXTS[:3]]
+    start, target = tok.eos_token_id, tok.convert_tokens_to_ids("fra_Latn")
     rng = np.random.default_rng(0)
-    following = rng.integers(4, 200, size=(3, 4))
-    decoder_ids = np.concatenate([np.full((3, 1), start), np.full((3, 1), target), following], axis=1).astype(
-        np.int64
-    )
-
+    sequences = [[start, target, *rng.integers(4, 200, size=5).tolist()] for _ in sources]
     model = AutoModelForSeq2SeqLM.from_pretrained(demo_dir / "nllb-demo", use_safetensors=True).eval()
+    expected = []
     with torch.no_grad():
-        expected = model(
-            input_ids=torch.from_numpy(input_ids),
-            attention_mask=torch.from_numpy(attention_mask),
-            decoder_input_ids=torch.from_numpy(decoder_ids),
-        ).logits.numpy()
-
-    parts = {name: out / part.file for name, part in manifest.variants["fp32"].parts.items()}
-    onnx_model = OnnxSeq2Seq.load(parts)
-    hidden = onnx_model.encode(input_ids, attention_mask)
-    logits, cache = onnx_model.first(decoder_ids[:, :1], hidden, attention_mask)
-    np.testing.assert_allclose(logits[:, 0], expected[:, 0], atol=ATOL)
-    for step in range(1, 6):
-        logits, cache = onnx_model.step(decoder_ids[:, step : step + 1], attention_mask, cache)
-        np.testing.assert_allclose(logits[:, 0], expected[:, step], atol=ATOL, err_msg=f"step {step}")
-        self_key = next(v for k, v in cache.items() if k.endswith("decoder.key"))
-        assert self_key.shape[2] == step + 1  # the self-attention cache grew by one position
+        for source, sequence in zip(sources, sequences, strict=True):
+            expected.append(
+                model(input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([sequence]))
+                .logits[0]
+                .numpy()
+            )
+    executor = ThreadPoolExecutor(1)
+    parts = {
+        name: OnnxRuntimeBackend(out / part.file, OrtSettings(), executor)
+        for name, part in manifest.variants["fp32"].parts.items()
+    }
+    batch = Batch(StepParts.of(parts), tok.pad_token_id)
+    rows: list[int] = []  # which text each batch row is
+    fed = [0, 0, 0]
+    for step in range(7):
+        joining = [0, 1] if step == 0 else [2] if step == 2 else []
+        if joining:
+            cross_kv, source_mask = batch.encode([sources[t] for t in joining])
+            batch.join(cross_kv, source_mask, [1] * len(joining))
+            rows += joining
+        tokens = np.array([sequences[t][fed[t]] for t in rows])
+        logits = batch.step(tokens, np.array([fed[t] for t in rows]))
+        for row, t in enumerate(rows):
+            np.testing.assert_allclose(
+                logits[row], expected[t][fed[t]], atol=ATOL, err_msg=f"step {step}, text {t}"
+            )
+            fed[t] += 1
+        if step == 3:  # text 1 leaves
+            keep = [r for r, t in enumerate(rows) if t != 1]
+            batch.select(np.array(keep))
+            rows = [rows[r] for r in keep]
+    assert fed == [7, 4, 5]
+    assert batch.slots <= 8
 
 
 @pytest.mark.parametrize("task", ["token-classification", "embedding", "fill-mask", "translation"])

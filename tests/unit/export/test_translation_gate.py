@@ -102,9 +102,9 @@ def test_a_broken_decoder_still_fails_the_gate(early_ending: Path, tmp_path: Pat
         early_ending, tmp_path / "out", ExportOptions(task="translation", variants=("fp32",))
     )
     parts = {name: tmp_path / "out" / spec.file for name, spec in manifest.variants["fp32"].parts.items()}
-    broken = tmp_path / "broken_decoder_with_past.onnx"
-    graph = onnx.load(parts["decoder_with_past"])
-    for initializer in graph.graph.initializer:  # every weight of the step decoder halved
+    broken = tmp_path / "broken_decoder_step.onnx"
+    graph = onnx.load(parts["decoder_step"])
+    for initializer in graph.graph.initializer:  # every weight of the decoder step halved
         values = numpy_helper.to_array(initializer)
         if values.dtype == np.float32 and values.size > 1:
             initializer.CopyFrom(numpy_helper.from_array(values * 0.5, initializer.name))
@@ -114,7 +114,7 @@ def test_a_broken_decoder_still_fails_the_gate(early_ending: Path, tmp_path: Pat
     languages = [c for c in flores200_codes() if c in tokenizer.get_vocab()]
     report = accuracy.translation_report(
         reference,
-        parts | {"decoder_with_past": broken},
+        parts | {"decoder_step": broken},
         tokenizer,
         languages,
         accuracy.Bounds(),

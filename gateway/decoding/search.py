@@ -1,0 +1,239 @@
+"""What to decode and how to pick tokens, one text at a time: greedy, sampling and beam search as per-text
+states that the engine steps with their rows' logits. Nothing here knows the batch or the runtime.
+
+Beam search keeps transformers' semantics (tested token for token against `generate()`): 2k candidates per
+step, finished hypotheses scored by sum(log p) / length ** length_penalty (the length counts the
+target-language token), the early-stopping heuristic, and hypotheses at the length limit finalized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+NEG = np.float32(-1e9)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    top_p: float = 1.0  # 1: no nucleus filtering
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    beam_size: int = 1
+    max_new_tokens: int = 0  # tokens after the target-language token; 0: the model's cap
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    num_return: int = 1
+    sampling: SamplingOptions | None = None
+    return_scores: bool = False
+
+    @property
+    def mode(self) -> Literal["greedy", "beam", "sample"]:
+        if self.sampling is not None:
+            return "sample"
+        return "beam" if self.beam_size > 1 else "greedy"
+
+    @property
+    def rows(self) -> int:
+        """Sequences decoded at once for one text: its beams or samples."""
+        return self.num_return if self.sampling is not None else self.beam_size
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One text to translate, as token ids, with its decoding settings."""
+
+    source: list[int]  # [src_lang] text </s>
+    prefix: tuple[int, int]  # decoder start, target language
+    limit: int  # max tokens after the prefix
+    options: DecodingOptions
+    seed_offset: int  # index of the text in its request: same seed, different texts -> different streams
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """n-best token ids (prefix and </s> removed), their scores and per-token log-probabilities."""
+
+    tokens: list[list[int]]
+    scores: list[float]
+    logprobs: list[list[float]]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float32, copy=False)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return np.asarray(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)), dtype=np.float32)
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values per row, best first."""
+    part = np.argpartition(-values, k - 1, axis=-1)[:, :k]
+    order = np.argsort(-np.take_along_axis(values, part, -1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, -1)
+
+
+def draw(logits: np.ndarray, sampling: SamplingOptions, rng: np.random.Generator) -> int:
+    """One token from temperature-scaled, top-k and top-p filtered probabilities."""
+    # The maximum is subtracted before dividing, so that no temperature > 0 overflows: the best token scales
+    # to 0, the others to <= 0 (or -inf).
+    shifted = logits.astype(np.float64)
+    scaled = (shifted - shifted.max()) / sampling.temperature
+    if 0 < sampling.top_k < len(scaled):
+        cut = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
+        scaled = np.where(scaled < cut, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, sampling.top_p) + 1)]
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+# A step's choice: for each row that goes on, its parent among the search's current rows and its next token.
+Choice = tuple[list[int], list[int]]
+
+
+class Search:
+    """One text's decoding. `rows` rows start it; each `step` gets those rows' logits [rows, vocab] and
+    returns the rows that go on (parents, next tokens), possibly fewer; `done` then `result()`."""
+
+    rows: int
+    done: bool = False
+
+    def step(self, logits: np.ndarray) -> Choice:
+        raise NotImplementedError
+
+    def result(self) -> Decoded:
+        raise NotImplementedError
+
+    def new_tokens(self) -> list[tuple[int, int]]:
+        """(row, token) generated at the last step, for streaming (greedy and sampling)."""
+        return []
+
+
+class Independent(Search):
+    """Greedy (one row) or sampling (`num_return` independent rows, each with its own generator)."""
+
+    def __init__(self, item: GenerationItem, eos: int) -> None:
+        options = item.options
+        self.eos, self.limit = eos, item.limit
+        self.sampling = options.sampling
+        copies = options.num_return if self.sampling is not None else 1
+        self.rows = copies
+        seed = None if self.sampling is None else self.sampling.seed
+        self.rngs = [
+            np.random.default_rng(None if seed is None else [seed, item.seed_offset, copy])
+            for copy in range(copies)
+        ]
+        self.tokens: list[list[int]] = [[] for _ in range(copies)]
+        self.logprobs: list[list[float]] = [[] for _ in range(copies)]
+        self.scores = [0.0] * copies
+        self.active = list(range(copies))  # copy index of each live row, in row order
+        self._last: list[tuple[int, int]] = []
+
+    def step(self, logits: np.ndarray) -> Choice:
+        logp = log_softmax(logits)
+        parents, tokens = [], []
+        self._last = []
+        for row, copy in enumerate(self.active):
+            if self.sampling is not None:
+                token = draw(logits[row], self.sampling, self.rngs[copy])
+            else:
+                token = int(logp[row].argmax())
+            value = float(logp[row, token])
+            self.scores[copy] += value
+            if token == self.eos:
+                continue
+            self.tokens[copy].append(token)
+            self.logprobs[copy].append(value)
+            self._last.append((copy, token))
+            if len(self.tokens[copy]) < self.limit:
+                parents.append(row)
+                tokens.append(token)
+        self.active = [self.active[p] for p in parents]
+        self.rows = len(self.active)
+        self.done = not self.active
+        return parents, tokens
+
+    def new_tokens(self) -> list[tuple[int, int]]:
+        return self._last
+
+    def result(self) -> Decoded:
+        return Decoded(self.tokens, [float(s) for s in self.scores], self.logprobs)
+
+
+class Beam(Search):
+    """Beam search over `beam_size` rows (all copies of the prefix at first, as transformers starts)."""
+
+    def __init__(self, item: GenerationItem, eos: int) -> None:
+        options = item.options
+        self.eos, self.limit = eos, item.limit
+        self.k, self.penalty, self.early = options.beam_size, options.length_penalty, options.early_stopping
+        self.num_return = options.num_return
+        self.rows = self.k
+        self.running = np.full(self.k, NEG, dtype=np.float32)
+        self.running[0] = 0.0  # one live beam at first
+        self.sequences: list[list[int]] = [[] for _ in range(self.k)]
+        self.step_logps: list[list[float]] = [[] for _ in range(self.k)]
+        self.pool: list[tuple[float, list[int], list[float]]] = []  # finished: (score, tokens, logprobs)
+        self.generated = 0
+
+    def step(self, logits: np.ndarray) -> Choice:
+        self.generated += 1
+        k, eos = self.k, self.eos
+        logp = log_softmax(logits)
+        vocab = logp.shape[-1]
+        total = (logp + self.running[:, None]).reshape(1, k * vocab)
+        candidates = _top(total, 2 * k)[0]
+        at_limit = self.generated >= self.limit
+        new_running: list[tuple[float, int, int]] = []
+        # transformers stops adding to a full pool under early stopping (checked once per step)
+        can_add = not (len(self.pool) == k and self.early)
+        for rank, candidate in enumerate(candidates.tolist()):
+            beam, token = divmod(candidate, vocab)
+            score = float(total[0, candidate])
+            if at_limit or token == eos:
+                if rank < k and can_add:
+                    ended = token == eos
+                    body = self.sequences[beam] + ([] if ended else [token])
+                    lps = self.step_logps[beam] + ([] if ended else [float(logp[beam, token])])
+                    self.pool.append((score / ((self.generated + 1) ** self.penalty), body, lps))
+                    self.pool.sort(key=lambda entry: -entry[0])
+                    del self.pool[k:]
+            elif len(new_running) < k:
+                new_running.append((score, beam, token))
+        if at_limit or not new_running or self._search_done(new_running[0][0]):
+            self.done = True
+            self.rows = 0
+            return [], []
+        while len(new_running) < k:  # fewer than k continuations: pad with dead beams
+            new_running.append((float(NEG), new_running[0][1], new_running[0][2]))
+        self.running = np.array([score for score, _, _ in new_running], dtype=np.float32)
+        self.sequences = [self.sequences[b] + [t] for _, b, t in new_running]
+        self.step_logps = [self.step_logps[b] + [float(logp[b, t])] for _, b, t in new_running]
+        return [b for _, b, _ in new_running], [t for _, _, t in new_running]
+
+    def _search_done(self, best_running: float) -> bool:
+        if len(self.pool) < self.k:
+            return False
+        length = self.generated + 1
+        return self.early or best_running / (length**self.penalty) <= self.pool[-1][0]
+
+    def result(self) -> Decoded:
+        best = self.pool[: self.num_return]
+        return Decoded([b for _, b, _ in best], [s for s, _, _ in best], [lps for _, _, lps in best])
+
+
+def search_for(item: GenerationItem, eos: int) -> Search:
+    return Beam(item, eos) if item.options.mode == "beam" else Independent(item, eos)
