@@ -124,26 +124,27 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
         model = served.model
         assert isinstance(model, tr.TranslationModel)
         result = await model.translate(self._translate_input(request, deadline))
-        return pb.TranslateResponse(
-            translations=[
-                pb.Translation(
-                    hypotheses=[
-                        pb.Hypothesis(
-                            text=h.text, score=h.score, token_ids=h.token_ids, token_logprobs=h.token_logprobs
-                        )
-                        for h in t.hypotheses
-                    ],
-                    truncated=t.truncated,
+        return _translate_reply(served.name, request, result, started)
+
+    async def TranslateTokens(
+        self, request: pb.TranslateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.TranslateTokensResponse]:
+        started = time.perf_counter()
+        served = self.registry.resolve("translation", request.model)
+        model = served.model
+        assert isinstance(model, tr.TranslationModel)
+        async for event in model.translate_tokens(self._translate_input(request, deadline_of(context))):
+            if isinstance(event, tr.TokenPiece):
+                yield pb.TranslateTokensResponse(
+                    text_index=event.text_index,
+                    hypothesis=event.hypothesis,
+                    token_ids=[event.token_id],
+                    text=event.text,
                 )
-                for t in result.translations
-            ],
-            model=served.name,
-            source_lang=result.source_lang,
-            target_lang=result.target_lang,
-            usage=_usage(result.usage),
-            timing=_timing(result.timing, started),
-            request_id=request.request_id,
-        )
+            else:
+                yield pb.TranslateTokensResponse(
+                    result=_translate_reply(served.name, request, event, started)
+                )
 
     async def Translate(
         self, request: pb.TranslateRequest, context: aio.ServicerContext
@@ -379,4 +380,29 @@ def _fill_mask_reply(model: str, result: emb.FillMaskOutput, started: float) -> 
         mask_token=result.mask_token,
         usage=_usage(result.usage),
         timing=_timing(result.timing, started),
+    )
+
+
+def _translate_reply(
+    model: str, request: pb.TranslateRequest, result: tr.TranslateOutput, started: float
+) -> pb.TranslateResponse:
+    return pb.TranslateResponse(
+        translations=[
+            pb.Translation(
+                hypotheses=[
+                    pb.Hypothesis(
+                        text=h.text, score=h.score, token_ids=h.token_ids, token_logprobs=h.token_logprobs
+                    )
+                    for h in t.hypotheses
+                ],
+                truncated=t.truncated,
+            )
+            for t in result.translations
+        ],
+        model=model,
+        source_lang=result.source_lang,
+        target_lang=result.target_lang,
+        usage=_usage(result.usage),
+        timing=_timing(result.timing, started),
+        request_id=request.request_id,
     )

@@ -46,3 +46,23 @@ def exported(
         return cache[task]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def varied_nllb(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The demo NLLB architecture with larger random weights: greedy and beam outputs then depend on the
+    input (the demo model repeats one token whatever it reads), so a comparison with generate() can fail."""
+    import torch
+    from transformers import AutoTokenizer, M2M100Config, M2M100ForConditionalGeneration
+
+    from gateway.export.exporter import ExportOptions, export_model
+
+    checkpoint = tmp_path_factory.mktemp("varied") / "nllb"
+    config = M2M100Config.from_pretrained(demo_dir / "nllb-demo")
+    config.update({"init_std": 1.0, "scale_embedding": False})
+    torch.manual_seed(1)
+    M2M100ForConditionalGeneration(config).eval().save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(demo_dir / "nllb-demo").save_pretrained(checkpoint)
+    out = checkpoint.parent / "onnx"
+    export_model(checkpoint, out, ExportOptions(task="translation", variants=("fp32",), enforce_bounds=False))
+    return checkpoint, out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gateway.batcher import BatcherSettings, Observer
@@ -190,6 +190,40 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
             timing=timing,
         )
 
+    async def translate_tokens(self, request: TranslateInput) -> AsyncIterator[TokenPiece | TranslateOutput]:
+        """Each token of a greedy or sampled translation as the engine picks it, with the text it adds;
+        then the whole output, as `translate` returns it."""
+        if request.options.mode == "beam":
+            raise InvalidInput(
+                "TranslateTokens streams greedy or sampled translations: beam search knows its tokens only "
+                "at the end; use Translate"
+            )
+        if self.engine is None:
+            raise InvalidInput(
+                f"model {self.model.name} runs on Triton, which does not stream; use Translate"
+            )
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
+
+        def sink(text: int, row: int, token: int) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(tokens.put_nowait, (text, row, token))
+
+        pieces = _Pieces(self.model.tokenizer.decode)
+        translating = asyncio.ensure_future(self.translate(request, sink))
+        try:
+            while True:
+                arrival = asyncio.ensure_future(tokens.get())
+                await asyncio.wait({arrival, translating}, return_when=asyncio.FIRST_COMPLETED)
+                if not arrival.done():
+                    arrival.cancel()
+                    break
+                yield pieces.add(*arrival.result())
+            while not tokens.empty():  # every token the engine chose before it finished
+                yield pieces.add(*tokens.get_nowait())
+            yield translating.result()
+        finally:
+            translating.cancel()
+
     def _items(
         self, request: TranslateInput, source: str, target: str, limit: int
     ) -> tuple[list[GenerationItem], list[bool]]:
@@ -222,3 +256,32 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
             ]
             translations.append(Translation(hypotheses, was_cut))
         return translations, output_tokens
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """A token of one hypothesis as the engine chose it, and the text it adds."""
+
+    text_index: int
+    hypothesis: int
+    token_id: int
+    text: str
+
+
+class _Pieces:
+    """Incremental detokenization: each hypothesis's text so far, decoded whole (a piece can change how
+    the one before it reads, e.g. a word-start marker), and what each new token adds to it."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.tokens: dict[tuple[int, int], list[int]] = {}
+        self.texts: dict[tuple[int, int], str] = {}
+
+    def add(self, text_index: int, hypothesis: int, token: int) -> TokenPiece:
+        key = (text_index, hypothesis)
+        ids = self.tokens.setdefault(key, [])
+        ids.append(token)
+        before, now = self.texts.get(key, ""), self.decode(ids)
+        self.texts[key] = now
+        piece = now[len(before) :] if now.startswith(before) else now
+        return TokenPiece(text_index, hypothesis, token, piece)

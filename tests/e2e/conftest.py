@@ -127,3 +127,46 @@ def hold(server: GatewayServer, model: str) -> Held:
         if entry.name == model:
             return Held(entry.model)
     raise KeyError(model)
+
+
+class Stepper:
+    """A translation engine that runs one decoder step per `step()`: each step blocks the engine's thread
+    until the test lets it go, so a test can look at the engine between steps."""
+
+    def __init__(self, model: Any) -> None:
+        self.engine = model.engine
+        self._go = threading.Semaphore(0)
+        self._waiting = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._free = False
+
+    def _step(self, tokens: Any, positions: Any) -> Any:
+        self._loop.call_soon_threadsafe(self._waiting.set)
+        self._go.acquire()
+        return self._original(tokens, positions)
+
+    async def waiting(self) -> None:
+        """Until the engine is blocked before a step."""
+        await self._waiting.wait()
+
+    async def step(self) -> None:
+        """Let one step run, then wait until the engine is blocked before the next one."""
+        self._waiting.clear()
+        self._go.release()
+        await self._waiting.wait()
+
+    def __enter__(self) -> Stepper:
+        self._original = self.engine.batch.step
+        self.engine.batch.step = self._step
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.batch.step = self._original
+        self._go.release()  # the step it may be blocked in
+
+
+def stepper(server: GatewayServer, model: str) -> Stepper:
+    for entry in server.registry.all():
+        if entry.name == model:
+            return Stepper(entry.model)
+    raise KeyError(model)

@@ -149,6 +149,25 @@ def test_translate_options_on_a_valid_request(stub: Stub, options: Any) -> None:
 
 
 @EXAMPLES
+@given(texts, languages, translate_options)
+def test_translate_tokens(stub: Stub, texts: list[str], target: str, options: Any) -> None:
+    request = pb.TranslateRequest(texts=texts, source_lang="eng_Latn", target_lang=target, options=options)
+    replies: list[Any] = []
+    code, details = grpc.StatusCode.OK, ""
+    try:
+        replies = list(stub.TranslateTokens(request, timeout=60))
+    except grpc.RpcError as error:
+        code, details = error.code(), error.details() or ""
+    if code is grpc.StatusCode.OK:
+        assert replies[-1].HasField("result")
+        assert all(not r.HasField("result") for r in replies[:-1])
+    else:
+        assert code in CLEAN, f"TranslateTokens: {code} {details}"
+        assert details
+    still_serving(stub)
+
+
+@EXAMPLES
 @given(texts, models, enums, enums, st.one_of(st.none(), floats))
 def test_classify(
     stub: Stub, texts: list[str], model: str, label_format: int, scores: int, threshold: float | None

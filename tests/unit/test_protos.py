@@ -40,6 +40,7 @@ def test_service_declares_every_rpc() -> None:
     assert set(methods) == {
         "Translate",
         "TranslateStream",
+        "TranslateTokens",
         "Classify",
         "Segment",
         "Embed",
@@ -50,6 +51,9 @@ def test_service_declares_every_rpc() -> None:
     assert stream.client_streaming
     assert stream.server_streaming
     assert not methods["Translate"].client_streaming
+    tokens = methods["TranslateTokens"]
+    assert not tokens.client_streaming
+    assert tokens.server_streaming
 
 
 def test_enums_start_with_unspecified() -> None:

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, M2M100Config, M2M100ForConditionalGeneration
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from gateway.backends.onnxruntime import OrtSettings
 from gateway.batcher import BatcherSettings
 from gateway.errors import InvalidInput
-from gateway.export.exporter import ExportOptions, export_model
 from gateway.runtime import load_model
 from gateway.samples import probe_sentences
 from gateway.tasks.translation import (
@@ -26,21 +25,6 @@ from gateway.tasks.translation import (
 
 ENGLISH = [s.text for s in probe_sentences(per_language=2) if s.lang == "eng_Latn"]
 GERMAN = [s.text for s in probe_sentences(per_language=2) if s.lang == "deu_Latn"]
-
-
-@pytest.fixture(scope="module")
-def varied_nllb(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The demo NLLB architecture with larger random weights: greedy and beam outputs then depend on the
-    input (the demo model repeats one token whatever it reads), so a comparison with generate() can fail."""
-    checkpoint = tmp_path_factory.mktemp("varied") / "nllb"
-    config = M2M100Config.from_pretrained(demo_dir / "nllb-demo")
-    config.update({"init_std": 1.0, "scale_embedding": False})
-    torch.manual_seed(1)
-    M2M100ForConditionalGeneration(config).eval().save_pretrained(checkpoint)
-    AutoTokenizer.from_pretrained(demo_dir / "nllb-demo").save_pretrained(checkpoint)
-    out = checkpoint.parent / "onnx"
-    export_model(checkpoint, out, ExportOptions(task="translation", variants=("fp32",), enforce_bounds=False))
-    return checkpoint, out
 
 
 @pytest.fixture(scope="module")

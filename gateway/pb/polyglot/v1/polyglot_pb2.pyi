@@ -434,6 +434,46 @@ class TranslateResponse(_message.Message):
 Global___TranslateResponse: _TypeAlias = TranslateResponse  # noqa: Y015
 
 @_typing.final
+class TranslateTokensResponse(_message.Message):
+    """A new token of one text, or (last) the whole reply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_INDEX_FIELD_NUMBER: _builtins.int
+    HYPOTHESIS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    text_index: _builtins.int
+    """which text of the request"""
+    hypothesis: _builtins.int
+    """which sample (0 for greedy)"""
+    text: _builtins.str
+    """the text these tokens add to the hypothesis"""
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def result(self) -> Global___TranslateResponse:
+        """set on the last message only"""
+
+    def __init__(
+        self,
+        *,
+        text_index: _builtins.int = ...,
+        hypothesis: _builtins.int = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        text: _builtins.str = ...,
+        result: Global___TranslateResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hypothesis", b"hypothesis", "result", b"result", "text", b"text", "text_index", b"text_index", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranslateTokensResponse: _TypeAlias = TranslateTokensResponse  # noqa: Y015
+
+@_typing.final
 class ClassifyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -44,6 +44,11 @@ class PolyglotStub:
                 request_serializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateRequest.SerializeToString,
                 response_deserializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateResponse.FromString,
                 _registered_method=True)
+        self.TranslateTokens = channel.unary_stream(
+                '/polyglot.v1.Polyglot/TranslateTokens',
+                request_serializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateRequest.SerializeToString,
+                response_deserializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateTokensResponse.FromString,
+                _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/polyglot.v1.Polyglot/Classify',
                 request_serializer=polyglot_dot_v1_dot_polyglot__pb2.ClassifyRequest.SerializeToString,
@@ -88,6 +93,15 @@ class PolyglotServicer:
         """Many small translation requests over one bidirectional stream. Each reply carries the `request_id`
         of its request; replies may arrive in a different order than the requests. A request that fails gets a
         reply with `error` set, and the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TranslateTokens(self, request, context):
+        """One translation request whose tokens stream as the engine picks them (greedy or sampling; beam search
+        only knows its tokens at the end: use Translate). The last message holds the whole reply, equal to what
+        Translate returns.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +158,11 @@ def add_PolyglotServicer_to_server(servicer, server):
                     servicer.TranslateStream,
                     request_deserializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateRequest.FromString,
                     response_serializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateResponse.SerializeToString,
+            ),
+            'TranslateTokens': grpc.unary_stream_rpc_method_handler(
+                    servicer.TranslateTokens,
+                    request_deserializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateRequest.FromString,
+                    response_serializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateTokensResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
@@ -225,6 +244,33 @@ class Polyglot:
             '/polyglot.v1.Polyglot/TranslateStream',
             polyglot_dot_v1_dot_polyglot__pb2.TranslateRequest.SerializeToString,
             polyglot_dot_v1_dot_polyglot__pb2.TranslateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranslateTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/polyglot.v1.Polyglot/TranslateTokens',
+            polyglot_dot_v1_dot_polyglot__pb2.TranslateRequest.SerializeToString,
+            polyglot_dot_v1_dot_polyglot__pb2.TranslateTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

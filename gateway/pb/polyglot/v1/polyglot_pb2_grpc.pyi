@@ -58,6 +58,11 @@ class PolyglotStub:
     of its request; replies may arrive in a different order than the requests. A request that fails gets a
     reply with `error` set, and the stream goes on.
     """
+    TranslateTokens: _grpc.UnaryStreamMultiCallable[_polyglot_pb2.TranslateRequest, _polyglot_pb2.TranslateTokensResponse]
+    """One translation request whose tokens stream as the engine picks them (greedy or sampling; beam search
+    only knows its tokens at the end: use Translate). The last message holds the whole reply, equal to what
+    Translate returns.
+    """
     Classify: _grpc.UnaryUnaryMultiCallable[_polyglot_pb2.ClassifyRequest, _polyglot_pb2.ClassifyResponse]
     """Per-token labels and scores from a token classification model (SaT sentence boundaries, NER, ...),
     with character offsets, optionally grouped into spans (BIO / BIOES) and with raw logits or
@@ -89,6 +94,11 @@ class PolyglotAsyncStub(PolyglotStub):
     """Many small translation requests over one bidirectional stream. Each reply carries the `request_id`
     of its request; replies may arrive in a different order than the requests. A request that fails gets a
     reply with `error` set, and the stream goes on.
+    """
+    TranslateTokens: _aio.UnaryStreamMultiCallable[_polyglot_pb2.TranslateRequest, _polyglot_pb2.TranslateTokensResponse]  # type: ignore[assignment]
+    """One translation request whose tokens stream as the engine picks them (greedy or sampling; beam search
+    only knows its tokens at the end: use Translate). The last message holds the whole reply, equal to what
+    Translate returns.
     """
     Classify: _aio.UnaryUnaryMultiCallable[_polyglot_pb2.ClassifyRequest, _polyglot_pb2.ClassifyResponse]  # type: ignore[assignment]
     """Per-token labels and scores from a token classification model (SaT sentence boundaries, NER, ...),
@@ -130,6 +140,17 @@ class PolyglotServicer(metaclass=_abc_1.ABCMeta):
         """Many small translation requests over one bidirectional stream. Each reply carries the `request_id`
         of its request; replies may arrive in a different order than the requests. A request that fails gets a
         reply with `error` set, and the stream goes on.
+        """
+
+    @_abc_1.abstractmethod
+    def TranslateTokens(
+        self,
+        request: _polyglot_pb2.TranslateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_polyglot_pb2.TranslateTokensResponse], _abc.AsyncIterator[_polyglot_pb2.TranslateTokensResponse]]:
+        """One translation request whose tokens stream as the engine picks them (greedy or sampling; beam search
+        only knows its tokens at the end: use Translate). The last message holds the whole reply, equal to what
+        Translate returns.
         """
 
     @_abc_1.abstractmethod
