@@ -37,6 +37,7 @@ class GatewayProcess:
         batching: dict[str, Any] | None = None,
         triton: str | None = None,  # a Triton gRPC endpoint: serve the model from there
         device: str = "cpu",
+        extra_models: list[dict[str, Any]] | None = None,  # more models in the same process
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -49,6 +50,7 @@ class GatewayProcess:
             "device": device,
             "models": [{"name": name, "path": str(export_dir), "variant": variant}],
         }
+        config["models"] += extra_models or []
         if triton:
             config["models"][0]["backend"] = "triton"
             config["triton"] = {"endpoints": [triton]}

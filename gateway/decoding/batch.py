@@ -122,7 +122,7 @@ class Batch:
         self.self_mask = np.concatenate([self.self_mask, np.zeros((count, self.slots), dtype=np.int64)])
 
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Feed one token per row; returns the logits [rows, vocab] and keeps the grown cache."""
+        """Feed one token per row; returns the log-probabilities [rows, vocab] and keeps the grown cache."""
         mask = np.concatenate([self.self_mask, np.ones((self.rows, 1), dtype=np.int64)], axis=1)
         feed: Arrays = {
             "input_ids": tokens.reshape(-1, 1).astype(np.int64),
@@ -132,10 +132,10 @@ class Batch:
         }
         feed |= dict(zip(self.past, self.self_kv, strict=True))
         feed |= dict(zip(self.cross, self.cross_kv, strict=True))
-        out = self.parts.decoder_step.run_sync(feed, ["logits", *self.present])
+        out = self.parts.decoder_step.run_sync(feed, ["logprobs", *self.present])
         self.self_kv = [out[name] for name in self.present]
         self.self_mask = mask
-        return out["logits"]
+        return out["logprobs"]
 
     def select(self, rows: np.ndarray) -> None:
         """Keep (and reorder to) `rows`; then drop the slots and source columns no row uses."""
@@ -165,9 +165,11 @@ class Batch:
 
 
 def _pad_axis(array: np.ndarray, axis: int, size: int) -> np.ndarray:
-    missing = size - array.shape[axis]
-    if missing <= 0:
+    """`array` with zeros after it along `axis`, to `size`."""
+    if array.shape[axis] >= size:
         return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, missing)
-    return np.pad(array, widths)
+    shape = list(array.shape)
+    shape[axis] = size
+    out = np.zeros(shape, dtype=array.dtype)
+    out[tuple(slice(0, n) for n in array.shape)] = array
+    return out

@@ -203,8 +203,10 @@ class Engine:
         started = time.monotonic()
         cached = self.batch.cached_tokens
         tokens = np.array([t for text in self._texts for t in text.next_tokens], dtype=np.int64)
-        positions = np.concatenate([np.full(len(text.next_tokens), text.length) for text in self._texts])
-        logits = self.batch.step(tokens, positions)
+        positions = np.repeat(
+            [text.length for text in self._texts], [len(t.next_tokens) for t in self._texts]
+        )
+        logp = self.batch.step(tokens, positions)
         keep: list[int] = []
         survivors: list[_Text] = []
         row = new_tokens = 0
@@ -220,7 +222,7 @@ class Engine:
                 text.next_tokens = [text.forced[0]] * rows
                 survivors.append(text)
             else:
-                parents, chosen = text.search.step(logits[row : row + rows])
+                parents, chosen = text.search.step(logp[row : row + rows])
                 generated = text.search.new_tokens()
                 new_tokens += len(generated) if isinstance(text.search, Independent) else 1
                 if not text.first_token:

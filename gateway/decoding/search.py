@@ -66,12 +66,6 @@ class Decoded:
     logprobs: list[list[float]]
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float32, copy=False)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return np.asarray(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)), dtype=np.float32)
-
-
 def _top(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values per row, best first."""
     part = np.argpartition(-values, k - 1, axis=-1)[:, :k]
@@ -105,13 +99,13 @@ Choice = tuple[list[int], list[int]]
 
 
 class Search:
-    """One text's decoding. `rows` rows start it; each `step` gets those rows' logits [rows, vocab] and
-    returns the rows that go on (parents, next tokens), possibly fewer; `done` then `result()`."""
+    """One text's decoding. `rows` rows start it; each `step` gets those rows' log-probabilities [rows,
+    vocab] and returns the rows that go on (parents, next tokens), possibly fewer; `done` then `result()`."""
 
     rows: int
     done: bool = False
 
-    def step(self, logits: np.ndarray) -> Choice:
+    def step(self, logp: np.ndarray) -> Choice:
         raise NotImplementedError
 
     def result(self) -> Decoded:
@@ -142,13 +136,12 @@ class Independent(Search):
         self.active = list(range(copies))  # copy index of each live row, in row order
         self._last: list[tuple[int, int]] = []
 
-    def step(self, logits: np.ndarray) -> Choice:
-        logp = log_softmax(logits)
+    def step(self, logp: np.ndarray) -> Choice:
         parents, tokens = [], []
         self._last = []
         for row, copy in enumerate(self.active):
-            if self.sampling is not None:
-                token = draw(logits[row], self.sampling, self.rngs[copy])
+            if self.sampling is not None:  # log-probabilities are logits up to a constant per row
+                token = draw(logp[row], self.sampling, self.rngs[copy])
             else:
                 token = int(logp[row].argmax())
             value = float(logp[row, token])
@@ -189,10 +182,9 @@ class Beam(Search):
         self.pool: list[tuple[float, list[int], list[float]]] = []  # finished: (score, tokens, logprobs)
         self.generated = 0
 
-    def step(self, logits: np.ndarray) -> Choice:
+    def step(self, logp: np.ndarray) -> Choice:
         self.generated += 1
         k, eos = self.k, self.eos
-        logp = log_softmax(logits)
         vocab = logp.shape[-1]
         total = (logp + self.running[:, None]).reshape(1, k * vocab)
         candidates = _top(total, 2 * k)[0]

@@ -245,7 +245,7 @@ def teacher_forced_logprobs(
         batch.step(decoder_ids[:, p], np.full(len(sources), p, dtype=np.int64))
         for p in range(decoder_ids.shape[1])
     ]
-    return _log_softmax(np.stack(steps, axis=1))
+    return np.stack(steps, axis=1)
 
 
 def translation_probe_pairs(languages: Sequence[str]) -> list[tuple[str, str, str]]:

@@ -16,6 +16,8 @@ and `generate()`.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from gateway.export.onnx import _TWO_GB, _parameter_bytes
+from gateway.export.onnx import _TWO_GB
 
 SEQ2SEQ_PARTS = {
     "encoder": "encoder.onnx",
@@ -79,8 +81,8 @@ class DecoderStep(nn.Module):
     input_ids [batch, 1]; positions [batch, 1] (the token's index in its row: 0 for the decoder start token);
     self_attention_mask [batch, slots + 1] (the cache slots, then the new token); encoder_attention_mask
     [batch, source]; then per layer past self keys and values [batch, heads, slots, head] and cross keys and
-    values [batch, heads, source, head]. Returns logits [batch, vocab] and per layer the self keys and values
-    with the new token appended [batch, heads, slots + 1, head]."""
+    values [batch, heads, source, head]. Returns log-probabilities [batch, vocab] and per layer the self keys
+    and values with the new token appended [batch, heads, slots + 1, head]."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
@@ -126,8 +128,11 @@ class DecoderStep(nn.Module):
             residual = hidden
             x = layer.final_layer_norm(hidden)
             hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(x)))
-        logits = self.lm_head(decoder.layer_norm(hidden))[:, 0]
-        return (logits, *presents)
+        logits = self.lm_head(decoder.layer_norm(hidden))[:, 0].float()
+        # Log-probabilities, not logits: everything downstream wants them (scores, beams; sampling is the
+        # same from either, a constant per row apart), and the runtime computes them far faster than
+        # Python would over a 256k-token vocabulary.
+        return (torch.log_softmax(logits, dim=-1), *presents)
 
     @staticmethod
     def _attend(
@@ -156,21 +161,26 @@ def _export(
     outputs: list[str],
     axes: dict[str, dict[int, str]],
 ) -> Path:
+    """torch.onnx into a scratch directory, then one file at `path` (and beside it one `_data` file for
+    graphs over protobuf's 2 GB limit, which torch writes as a file per tensor)."""
+    import onnx
+
     path.parent.mkdir(parents=True, exist_ok=True)
     # In eval mode before export: the exporter puts the wrapper back into the mode it found it in, and a
     # new module is in training mode, which would leave the checkpoint's modules with dropout on.
     graph.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        first = Path(scratch) / path.name
         torch.onnx.export(
-            graph, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+            graph, args, str(first), input_names=inputs, output_names=outputs, dynamic_axes=axes,
             opset_version=STEP_OPSET, do_constant_folding=True, dynamo=False,
         )  # fmt: skip
-    if _parameter_bytes(graph) >= _TWO_GB:
-        import onnx
-
-        model = onnx.load(str(path))
-        onnx.save(model, str(path), save_as_external_data=True, location=path.name + "_data")
+        if sum(f.stat().st_size for f in Path(scratch).iterdir()) < _TWO_GB:
+            shutil.move(str(first), path)
+        else:
+            model = onnx.load(str(first))
+            onnx.save(model, str(path), save_as_external_data=True, location=path.name + "_data")
     return path
 
 
@@ -209,7 +219,7 @@ def export_translation(model: PreTrainedModel, out_dir: Path) -> dict[str, Path]
         "positions": {0: "batch"},
         "self_attention_mask": {0: "batch", 1: "slots_and_one"},
         "encoder_attention_mask": {0: "batch", 1: "source"},
-        "logits": {0: "batch"},
+        "logprobs": {0: "batch"},
     }
     axes |= {name: {0: "batch", 2: "slots"} for name in past}
     axes |= {name: kv_axes for name in cross}
@@ -222,6 +232,11 @@ def export_translation(model: PreTrainedModel, out_dir: Path) -> dict[str, Path]
         *cache,
     )
     _export(
-        DecoderStep(model), step_args, paths["decoder_step"], [*inputs, *ordered], ["logits", *present], axes
+        DecoderStep(model),
+        step_args,
+        paths["decoder_step"],
+        [*inputs, *ordered],
+        ["logprobs", *present],
+        axes,
     )
     return paths
