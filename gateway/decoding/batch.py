@@ -4,8 +4,10 @@ share one batch.
 
 Self-attention slots are shared: at every step each row appends its new token at the same slot, so a row
 that joins later has its earlier slots masked (left padding); its position comes from its own length.
-Cross-attention is padded to the longest source on the right. Rows leave or are reordered (beams) by one
-gather; slots no row uses any more are dropped.
+Cross-attention keys and values live in buffers with room for more rows (`join` writes only the new
+rows), padded on the right to the longest source. A row that leaves is replaced by the last row (`remove`
+moves one row per leaver, not the batch), and beams reorder within their own rows (`reorder`): no step
+copies the whole cache but the decoder step itself. Slots no row uses any more are dropped.
 
 The parts run synchronously (`SyncPart.run_sync`): the engine owns its thread.
 """
@@ -56,7 +58,7 @@ class StepParts:
 
 
 class Batch:
-    """The cache of the rows in flight, in row order."""
+    """The cache of the rows in flight: rows 0..rows-1 of every tensor."""
 
     def __init__(self, parts: StepParts, pad_id: int) -> None:
         self.parts = parts
@@ -73,24 +75,25 @@ class Batch:
         self.clear()
 
     def clear(self) -> None:
-        empty = np.zeros((0, self.heads, 1, self.head_dim), dtype=self.dtype)
-        self.self_kv = [empty] * len(self.past)
-        self.cross_kv = [np.zeros((0, self.heads, 0, self.head_dim), dtype=self.dtype)] * len(self.cross)
+        self.rows = 0
+        self.self_kv = [np.zeros((0, self.heads, 1, self.head_dim), dtype=self.dtype)] * len(self.past)
         self.self_mask = np.zeros((0, 1), dtype=np.int64)  # one slot, masked: the graph wants >= 1
-        self.source_mask = np.zeros((0, 0), dtype=np.int64)
-
-    @property
-    def rows(self) -> int:
-        return int(self.self_mask.shape[0])
+        # Cross-attention buffers with room for `capacity` rows; rows 0..rows-1 are in use.
+        self._cross_kv = [np.zeros((0, self.heads, 0, self.head_dim), dtype=self.dtype)] * len(self.cross)
+        self._source_mask = np.zeros((0, 0), dtype=np.int64)
 
     @property
     def slots(self) -> int:
         return int(self.self_mask.shape[1])
 
     @property
+    def source_width(self) -> int:
+        return int(self._source_mask.shape[1])
+
+    @property
     def cached_tokens(self) -> int:
         """Cache slots in use: what admission budgets (self slots and source tokens of every row)."""
-        return self.rows * (self.slots + int(self.source_mask.shape[1]))
+        return self.rows * (self.slots + self.source_width)
 
     def encode(self, sources: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], np.ndarray]:
         """Run the encoder and the cross projections for new texts: (cross kv, source mask)."""
@@ -104,72 +107,114 @@ class Batch:
         kv = self.parts.cross_kv.run_sync({"encoder_hidden_states": hidden["last_hidden_state"]}, self.cross)
         return [kv[name] for name in self.cross], mask
 
-    def join(self, cross_kv: list[np.ndarray], source_mask: np.ndarray, copies: Sequence[int]) -> None:
-        """Add rows: new text `i` as `copies[i]` rows (its beams or samples), slots all masked."""
+    def join(
+        self, cross_kv: list[np.ndarray], source_mask: np.ndarray, copies: Sequence[int]
+    ) -> list[list[int]]:
+        """Add new texts, text `i` as `copies[i]` rows (its beams or samples), their slots masked; returns
+        each new text's rows."""
+        count = sum(copies)
+        start = self.rows
+        self._make_room(start + count, source_mask.shape[1])
         repeat = np.repeat(np.arange(len(copies)), copies)
-        source = max(self.source_mask.shape[1], source_mask.shape[1])
-        self.cross_kv = [
-            np.concatenate([_pad_axis(old, 2, source), _pad_axis(new[repeat], 2, source)])
-            for old, new in zip(self.cross_kv, cross_kv, strict=True)
-        ]
-        self.source_mask = np.concatenate(
-            [_pad_axis(self.source_mask, 1, source), _pad_axis(source_mask[repeat], 1, source)]
-        )
-        count = len(repeat)
+        width = source_mask.shape[1]
+        for buffer, new in zip(self._cross_kv, cross_kv, strict=True):
+            buffer[start : start + count] = 0
+            buffer[start : start + count, :, :width] = new[repeat]
+        self._source_mask[start : start + count] = 0
+        self._source_mask[start : start + count, :width] = source_mask[repeat]
         self.self_kv = [
-            np.concatenate([old, np.zeros((count, *old.shape[1:]), dtype=old.dtype)]) for old in self.self_kv
+            np.concatenate([kv, np.zeros((count, *kv.shape[1:]), dtype=kv.dtype)]) for kv in self.self_kv
         ]
         self.self_mask = np.concatenate([self.self_mask, np.zeros((count, self.slots), dtype=np.int64)])
+        self.rows += count
+        rows = iter(range(start, start + count))
+        return [[next(rows) for _ in range(c)] for c in copies]
+
+    def _make_room(self, rows: int, width: int) -> None:
+        """Grow the cross-attention buffers to `rows` rows and `width` source columns (doubling rows)."""
+        capacity, current = self._source_mask.shape
+        if rows <= capacity and width <= current:
+            return
+        capacity = max(rows, 2 * capacity) if rows > capacity else capacity
+        width = max(width, current)
+        used = self.rows
+        grown = []
+        for buffer in self._cross_kv:
+            fresh = np.zeros((capacity, self.heads, width, self.head_dim), dtype=self.dtype)
+            fresh[:used, :, :current] = buffer[:used]
+            grown.append(fresh)
+        self._cross_kv = grown
+        mask = np.zeros((capacity, width), dtype=np.int64)
+        mask[:used, :current] = self._source_mask[:used]
+        self._source_mask = mask
 
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Feed one token per row; returns the log-probabilities [rows, vocab] and keeps the grown cache."""
-        mask = np.concatenate([self.self_mask, np.ones((self.rows, 1), dtype=np.int64)], axis=1)
+        rows = self.rows
+        mask = np.concatenate([self.self_mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
         feed: Arrays = {
             "input_ids": tokens.reshape(-1, 1).astype(np.int64),
             "positions": positions.reshape(-1, 1).astype(np.int64),
             "self_attention_mask": mask,
-            "encoder_attention_mask": self.source_mask,
+            "encoder_attention_mask": self._source_mask[:rows],
         }
         feed |= dict(zip(self.past, self.self_kv, strict=True))
-        feed |= dict(zip(self.cross, self.cross_kv, strict=True))
+        feed |= {name: kv[:rows] for name, kv in zip(self.cross, self._cross_kv, strict=True)}
         out = self.parts.decoder_step.run_sync(feed, ["logprobs", *self.present])
         self.self_kv = [out[name] for name in self.present]
         self.self_mask = mask
         return out["logprobs"]
 
-    def select(self, rows: np.ndarray) -> None:
-        """Keep (and reorder to) `rows`; then drop the slots and source columns no row uses."""
-        if len(rows) == self.rows and np.array_equal(rows, np.arange(self.rows)):
+    def reorder(self, rows: Sequence[int], parents: Sequence[int]) -> None:
+        """Within one text's `rows` (its beams): row rows[i] takes the self-attention state of
+        rows[parents[i]]. Beams share their source, so cross-attention stays."""
+        if list(parents) == list(range(len(parents))):
             return
-        self.self_kv = [kv[rows] for kv in self.self_kv]
-        self.cross_kv = [kv[rows] for kv in self.cross_kv]
-        self.self_mask = self.self_mask[rows]
-        self.source_mask = self.source_mask[rows]
+        target = np.asarray(rows)
+        source = target[np.asarray(parents)]
+        for kv in self.self_kv:
+            kv[target] = kv[source]
+        self.self_mask[target] = self.self_mask[source]
+
+    def remove(self, rows: Sequence[int]) -> dict[int, int]:
+        """Drop rows: each hole takes the last row in use. Returns {old row: new row} of the rows moved."""
+        moved: dict[int, int] = {}
+        holes = sorted(set(rows))
+        if not holes:
+            return moved
+        leaving = set(holes)
+        last = self.rows - 1
+        for hole in holes:
+            while last in leaving and last > hole:
+                last -= 1
+            if hole >= last:
+                break
+            self._copy_row(last, hole)
+            moved[last] = hole
+            leaving.add(last)
+            last -= 1
+        self.rows -= len(holes)
+        rows_left = self.rows
+        self.self_kv = [kv[:rows_left] for kv in self.self_kv]
+        self.self_mask = self.self_mask[:rows_left]
         self._trim()
+        return moved
+
+    def _copy_row(self, source: int, target: int) -> None:
+        for kv in self.self_kv:
+            kv[target] = kv[source]
+        self.self_mask[target] = self.self_mask[source]
+        for buffer in self._cross_kv:
+            buffer[target] = buffer[source]
+        self._source_mask[target] = self._source_mask[source]
 
     def _trim(self) -> None:
+        """Drop leading self-attention slots no row uses (at most all but one)."""
         if self.rows == 0:
             self.clear()
             return
         used = np.flatnonzero(self.self_mask.any(axis=0))
-        first = int(used[0]) if len(used) else self.slots - 1
-        first = min(first, self.slots - 1)  # the graph wants at least one slot
+        first = min(int(used[0]) if len(used) else self.slots - 1, self.slots - 1)
         if first > 0:
-            self.self_kv = [kv[:, :, first:] for kv in self.self_kv]
-            self.self_mask = self.self_mask[:, first:]
-        sources = np.flatnonzero(self.source_mask.any(axis=0))
-        width = int(sources[-1]) + 1 if len(sources) else 1
-        if width < self.source_mask.shape[1]:
-            self.cross_kv = [kv[:, :, :width] for kv in self.cross_kv]
-            self.source_mask = self.source_mask[:, :width]
-
-
-def _pad_axis(array: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """`array` with zeros after it along `axis`, to `size`."""
-    if array.shape[axis] >= size:
-        return array
-    shape = list(array.shape)
-    shape[axis] = size
-    out = np.zeros(shape, dtype=array.dtype)
-    out[tuple(slice(0, n) for n in array.shape)] = array
-    return out
+            self.self_kv = [np.ascontiguousarray(kv[:, :, first:]) for kv in self.self_kv]
+            self.self_mask = np.ascontiguousarray(self.self_mask[:, first:])

@@ -87,13 +87,14 @@ class _Request:
 
 @dataclass
 class _Text:
-    """One text in the batch: its rows are a contiguous run in the batch's row order."""
+    """One text in the batch, and its rows there (in the order its search knows them)."""
 
     request: _Request
     index: int  # in its request
     search: Search
     forced: list[int]  # prefix tokens still to feed
     next_tokens: list[int]  # per row, the token fed at the next step
+    rows: list[int] = field(default_factory=list)
     length: int = 0  # decoder tokens fed so far (the next token's position)
     first_token: bool = False
 
@@ -202,49 +203,60 @@ class Engine:
             return bool(self._waiting)
         started = time.monotonic()
         cached = self.batch.cached_tokens
-        tokens = np.array([t for text in self._texts for t in text.next_tokens], dtype=np.int64)
-        positions = np.repeat(
-            [text.length for text in self._texts], [len(t.next_tokens) for t in self._texts]
-        )
+        tokens = np.zeros(self.batch.rows, dtype=np.int64)
+        positions = np.zeros(self.batch.rows, dtype=np.int64)
+        for text in self._texts:
+            tokens[text.rows] = text.next_tokens
+            positions[text.rows] = text.length
         logp = self.batch.step(tokens, positions)
-        keep: list[int] = []
+        leaving: list[int] = []
         survivors: list[_Text] = []
-        row = new_tokens = 0
+        new_tokens = 0
         first: list[float] = []
         now = time.monotonic()
         for text in self._texts:
-            rows = len(text.next_tokens)
             text.length += 1
             if text.forced:
                 text.forced.pop(0)
             if text.forced:  # still in its prefix: every row takes the next forced token
-                keep.extend(range(row, row + rows))
-                text.next_tokens = [text.forced[0]] * rows
+                text.next_tokens = [text.forced[0]] * len(text.rows)
                 survivors.append(text)
-            else:
-                parents, chosen = text.search.step(logp[row : row + rows])
-                generated = text.search.new_tokens()
-                new_tokens += len(generated) if isinstance(text.search, Independent) else 1
-                if not text.first_token:
-                    text.first_token = True
-                    first.append(now - text.request.submitted)
-                if text.request.sink is not None:
-                    for copy, token in generated:
-                        text.request.sink(text.index, copy, token)
-                if text.search.done:
-                    self._finish(text)
-                else:
-                    keep.extend(row + p for p in parents)
-                    text.next_tokens = chosen
-                    survivors.append(text)
-            row += rows
-        self.batch.select(np.array(keep, dtype=np.int64))
+                continue
+            parents, chosen = text.search.step(logp[text.rows])
+            generated = text.search.new_tokens()
+            new_tokens += len(generated) if isinstance(text.search, Independent) else 1
+            if not text.first_token:
+                text.first_token = True
+                first.append(now - text.request.submitted)
+            if text.request.sink is not None:
+                for copy, token in generated:
+                    text.request.sink(text.index, copy, token)
+            if text.search.done:
+                leaving += text.rows
+                self._finish(text)
+                continue
+            if isinstance(text.search, Independent):  # rows that finished leave; the others keep their state
+                kept = [text.rows[p] for p in parents]
+                leaving += sorted(set(text.rows) - set(kept))
+                text.rows = kept
+            else:  # beams: the same rows, each taking its parent's state
+                self.batch.reorder(text.rows, parents)
+            text.next_tokens = chosen
+            survivors.append(text)
         self._texts = survivors
+        self._remove(leaving)
         if self.observer is not None:
             seconds = time.monotonic() - started
             stats = StepStats(len(tokens), len(waited), seconds, new_tokens, first, waited, cached)
             self.observer(stats)
         return True
+
+    def _remove(self, rows: list[int]) -> None:
+        """Take rows out of the batch and follow the rows it moves into their places."""
+        moved = self.batch.remove(rows)
+        if moved:
+            for text in self._texts:
+                text.rows = [moved.get(row, row) for row in text.rows]
 
     def _admit(self) -> list[float]:
         """Let waiting texts join, first come first served, while the budgets allow (static: only into an
@@ -283,7 +295,9 @@ class Engine:
             for text in joining:
                 self._fail(text.request, exc)
             return []
-        self.batch.join(cross_kv, source_mask, [text.search.rows for text in joining])
+        placed = self.batch.join(cross_kv, source_mask, [t.search.rows for t in joining])
+        for text, text_rows in zip(joining, placed, strict=True):
+            text.rows = text_rows
         self._texts.extend(joining)
         now = time.monotonic()
         return [now - text.request.submitted for text in joining]
@@ -291,25 +305,21 @@ class Engine:
     def _drop_departed(self) -> None:
         """Texts whose request was cancelled or whose deadline passed leave the batch now."""
         now = time.monotonic()
-        keep: list[int] = []
+        leaving: list[int] = []
         survivors: list[_Text] = []
-        row = 0
         for text in self._texts:
-            rows = len(text.next_tokens)
             request = text.request
             if request.deadline is not None and request.deadline <= now:
                 _reject(
                     request.future, DeadlineExceeded(f"the deadline passed while {self.name} was translating")
                 )
             if request.future.done():
-                row += rows
-                continue
-            keep.extend(range(row, row + rows))
-            survivors.append(text)
-            row += rows
-        if len(survivors) < len(self._texts):
-            self.batch.select(np.array(keep, dtype=np.int64))
+                leaving += text.rows
+            else:
+                survivors.append(text)
+        if leaving:
             self._texts = survivors
+            self._remove(leaving)
         with self._lock:  # waiting texts whose request left never join
             expired = [r for r, _ in self._waiting if r.deadline is not None and r.deadline <= now]
             for request in expired:

@@ -127,25 +127,27 @@ def test_decoder_step_logits_with_rows_of_different_lengths(exported: Exported, 
         for name, part in manifest.variants["fp32"].parts.items()
     }
     batch = Batch(StepParts.of(parts), tok.pad_token_id)
-    rows: list[int] = []  # which text each batch row is
+    where: dict[int, int] = {}  # text -> its row in the batch
     fed = [0, 0, 0]
     for step in range(7):
         joining = [0, 1] if step == 0 else [2] if step == 2 else []
         if joining:
             cross_kv, source_mask = batch.encode([sources[t] for t in joining])
-            batch.join(cross_kv, source_mask, [1] * len(joining))
-            rows += joining
-        tokens = np.array([sequences[t][fed[t]] for t in rows])
-        logits = batch.step(tokens, np.array([fed[t] for t in rows]))
-        for row, t in enumerate(rows):
+            for t, rows in zip(joining, batch.join(cross_kv, source_mask, [1] * len(joining)), strict=True):
+                where[t] = rows[0]
+        tokens = np.zeros(batch.rows, dtype=np.int64)
+        positions = np.zeros(batch.rows, dtype=np.int64)
+        for t, row in where.items():
+            tokens[row], positions[row] = sequences[t][fed[t]], fed[t]
+        logprobs = batch.step(tokens, positions)
+        for t, row in where.items():
             np.testing.assert_allclose(
-                logits[row], expected[t][fed[t]], atol=ATOL, err_msg=f"step {step}, text {t}"
+                logprobs[row], expected[t][fed[t]], atol=ATOL, err_msg=f"step {step}, text {t}"
             )
             fed[t] += 1
-        if step == 3:  # text 1 leaves
-            keep = [r for r, t in enumerate(rows) if t != 1]
-            batch.select(np.array(keep))
-            rows = [rows[r] for r in keep]
+        if step == 3:  # text 1 leaves: the last row moves into its place
+            moved = batch.remove([where.pop(1)])
+            where = {t: moved.get(row, row) for t, row in where.items()}
     assert fed == [7, 4, 5]
     assert batch.slots <= 8
 
