@@ -2,12 +2,12 @@
 cross-attention keys and values of every row's source, and the masks that let rows of different lengths
 share one batch.
 
-Self-attention slots are shared: at every step each row appends its new token at the same slot, so a row
-that joins later has its earlier slots masked (left padding); its position comes from its own length.
-Cross-attention keys and values live in buffers with room for more rows (`join` writes only the new
-rows), padded on the right to the longest source. A row that leaves is replaced by the last row (`remove`
-moves one row per leaver, not the batch), and beams reorder within their own rows (`reorder`): no step
-copies the whole cache but the decoder step itself. Slots no row uses any more are dropped.
+Self-attention slots are shared: at every step each row's new token lands at the same slot, so a row that
+joins later has its earlier slots masked (left padding); its position comes from its own length. Every
+buffer has room for more rows and slots: `join` writes only the new rows, a row that leaves is replaced by
+the last row (`remove` moves one row per leaver), beams reorder within their own rows (`reorder`), and the
+decoder step returns only the new token's keys and values. Cross-attention is padded on the right to the
+longest source.
 
 The parts run synchronously (`SyncPart.run_sync`): the engine owns its thread.
 """
@@ -58,7 +58,14 @@ class StepParts:
 
 
 class Batch:
-    """The cache of the rows in flight: rows 0..rows-1 of every tensor."""
+    """The cache of the rows in flight: rows 0..rows-1 of every buffer.
+
+    Self-attention keys and values live in buffers [row capacity, heads, slot capacity, head]; the decoder
+    step reads a prefix of rows with every slot (those not used are masked) and returns only the new
+    token's key and value, which land at slot `slots`. The buffers grow by doubling, and when the slots run
+    out, slots no row uses any more are dropped first: no step copies the cache."""
+
+    INITIAL_SLOTS = 16
 
     def __init__(self, parts: StepParts, pad_id: int) -> None:
         self.parts = parts
@@ -67,7 +74,7 @@ class Batch:
         names = [spec.name for spec in step.inputs]
         self.past = [n for n in names if n.startswith("past.")]
         self.cross = [n for n in names if n.startswith("cross.")]
-        self.present = [spec.name for spec in step.outputs if spec.name.startswith("present.")]
+        self.new = [spec.name for spec in step.outputs if spec.name.startswith("new.")]
         shape = next(spec.shape for spec in step.inputs if spec.name == self.past[0])
         self.heads, self.head_dim = int(shape[1]), int(shape[3])
         dtype = next(spec.dtype for spec in step.inputs if spec.name == self.past[0])
@@ -76,15 +83,14 @@ class Batch:
 
     def clear(self) -> None:
         self.rows = 0
-        self.self_kv = [np.zeros((0, self.heads, 1, self.head_dim), dtype=self.dtype)] * len(self.past)
-        self.self_mask = np.zeros((0, 1), dtype=np.int64)  # one slot, masked: the graph wants >= 1
-        # Cross-attention buffers with room for `capacity` rows; rows 0..rows-1 are in use.
-        self._cross_kv = [np.zeros((0, self.heads, 0, self.head_dim), dtype=self.dtype)] * len(self.cross)
+        self.slots = 0  # slots in use: the next token of every row goes to slot `slots`
+        self._self_kv = [self._zeros(0, self.INITIAL_SLOTS) for _ in self.past]
+        self._self_mask = np.zeros((0, self.INITIAL_SLOTS), dtype=np.int64)
+        self._cross_kv = [self._zeros(0, 0) for _ in self.cross]
         self._source_mask = np.zeros((0, 0), dtype=np.int64)
 
-    @property
-    def slots(self) -> int:
-        return int(self.self_mask.shape[1])
+    def _zeros(self, rows: int, width: int) -> np.ndarray:
+        return np.zeros((rows, self.heads, width, self.head_dim), dtype=self.dtype)
 
     @property
     def source_width(self) -> int:
@@ -113,57 +119,73 @@ class Batch:
         """Add new texts, text `i` as `copies[i]` rows (its beams or samples), their slots masked; returns
         each new text's rows."""
         count = sum(copies)
-        start = self.rows
-        self._make_room(start + count, source_mask.shape[1])
-        repeat = np.repeat(np.arange(len(copies)), copies)
+        start, end = self.rows, self.rows + count
         width = source_mask.shape[1]
+        self._make_rows(end, width)
+        repeat = np.repeat(np.arange(len(copies)), copies)
         for buffer, new in zip(self._cross_kv, cross_kv, strict=True):
-            buffer[start : start + count] = 0
-            buffer[start : start + count, :, :width] = new[repeat]
-        self._source_mask[start : start + count] = 0
-        self._source_mask[start : start + count, :width] = source_mask[repeat]
-        self.self_kv = [
-            np.concatenate([kv, np.zeros((count, *kv.shape[1:]), dtype=kv.dtype)]) for kv in self.self_kv
-        ]
-        self.self_mask = np.concatenate([self.self_mask, np.zeros((count, self.slots), dtype=np.int64)])
-        self.rows += count
-        rows = iter(range(start, start + count))
+            buffer[start:end] = 0
+            buffer[start:end, :, :width] = new[repeat]
+        self._source_mask[start:end] = 0
+        self._source_mask[start:end, :width] = source_mask[repeat]
+        for buffer in self._self_kv:
+            buffer[start:end] = 0
+        self._self_mask[start:end] = 0
+        self.rows = end
+        rows = iter(range(start, end))
         return [[next(rows) for _ in range(c)] for c in copies]
 
-    def _make_room(self, rows: int, width: int) -> None:
-        """Grow the cross-attention buffers to `rows` rows and `width` source columns (doubling rows)."""
+    def _make_rows(self, rows: int, width: int) -> None:
+        """Room for `rows` rows (doubling) and sources of `width` tokens."""
         capacity, current = self._source_mask.shape
-        if rows <= capacity and width <= current:
-            return
-        capacity = max(rows, 2 * capacity) if rows > capacity else capacity
-        width = max(width, current)
-        used = self.rows
-        grown = []
-        for buffer in self._cross_kv:
-            fresh = np.zeros((capacity, self.heads, width, self.head_dim), dtype=self.dtype)
-            fresh[:used, :, :current] = buffer[:used]
-            grown.append(fresh)
-        self._cross_kv = grown
-        mask = np.zeros((capacity, width), dtype=np.int64)
-        mask[:used, :current] = self._source_mask[:used]
-        self._source_mask = mask
+        if rows > capacity:
+            capacity = max(rows, 2 * capacity)
+            self._self_kv = [_regrow(b, capacity, b.shape[2], self.rows) for b in self._self_kv]
+            self._self_mask = _regrow(self._self_mask, capacity, self._self_mask.shape[1], self.rows)
+        if rows > self._source_mask.shape[0] or width > current:
+            width = max(width, current)
+            self._cross_kv = [_regrow(b, capacity, width, self.rows) for b in self._cross_kv]
+            self._source_mask = _regrow(self._source_mask, capacity, width, self.rows)
 
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Feed one token per row; returns the log-probabilities [rows, vocab] and keeps the grown cache."""
+        """Feed one token per row; returns the log-probabilities [rows, vocab] and keeps the new slot."""
         rows = self.rows
-        mask = np.concatenate([self.self_mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+        if self.slots == self._self_mask.shape[1]:
+            self._make_slot()
+        mask = np.concatenate([self._self_mask[:rows], np.ones((rows, 1), dtype=np.int64)], axis=1)
         feed: Arrays = {
             "input_ids": tokens.reshape(-1, 1).astype(np.int64),
             "positions": positions.reshape(-1, 1).astype(np.int64),
             "self_attention_mask": mask,
             "encoder_attention_mask": self._source_mask[:rows],
         }
-        feed |= dict(zip(self.past, self.self_kv, strict=True))
+        feed |= {name: kv[:rows] for name, kv in zip(self.past, self._self_kv, strict=True)}
         feed |= {name: kv[:rows] for name, kv in zip(self.cross, self._cross_kv, strict=True)}
-        out = self.parts.decoder_step.run_sync(feed, ["logprobs", *self.present])
-        self.self_kv = [out[name] for name in self.present]
-        self.self_mask = mask
+        out = self.parts.decoder_step.run_sync(feed, ["logprobs", *self.new])
+        slot = self.slots
+        for buffer, name in zip(self._self_kv, self.new, strict=True):
+            buffer[:rows, :, slot] = out[name][:, :, 0]
+        self._self_mask[:rows, slot] = 1
+        self.slots += 1
         return out["logprobs"]
+
+    def _make_slot(self) -> None:
+        """Slots are full: drop those no row uses; when that frees too few, double the slots."""
+        used = np.flatnonzero(self._self_mask[: self.rows, : self.slots].any(axis=0))
+        first = int(used[0]) if len(used) else self.slots
+        capacity = self._self_mask.shape[1]
+        if first >= max(1, capacity // 4):  # shift left: one copy, and a quarter of the slots or more freed
+            keep = self.slots - first
+            for buffer in self._self_kv:
+                buffer[:, :, :keep] = buffer[:, :, first : self.slots]
+                buffer[:, :, keep:] = 0
+            self._self_mask[:, :keep] = self._self_mask[:, first : self.slots]
+            self._self_mask[:, keep:] = 0
+            self.slots = keep
+        else:
+            rows = self._self_mask.shape[0]
+            self._self_kv = [_regrow(b, rows, 2 * capacity, rows) for b in self._self_kv]
+            self._self_mask = _regrow(self._self_mask, rows, 2 * capacity, rows)
 
     def reorder(self, rows: Sequence[int], parents: Sequence[int]) -> None:
         """Within one text's `rows` (its beams): row rows[i] takes the self-attention state of
@@ -172,9 +194,10 @@ class Batch:
             return
         target = np.asarray(rows)
         source = target[np.asarray(parents)]
-        for kv in self.self_kv:
-            kv[target] = kv[source]
-        self.self_mask[target] = self.self_mask[source]
+        used = self.slots
+        for buffer in self._self_kv:
+            buffer[target, :, :used] = buffer[source, :, :used]
+        self._self_mask[target, :used] = self._self_mask[source, :used]
 
     def remove(self, rows: Sequence[int]) -> dict[int, int]:
         """Drop rows: each hole takes the last row in use. Returns {old row: new row} of the rows moved."""
@@ -194,27 +217,27 @@ class Batch:
             leaving.add(last)
             last -= 1
         self.rows -= len(holes)
-        rows_left = self.rows
-        self.self_kv = [kv[:rows_left] for kv in self.self_kv]
-        self.self_mask = self.self_mask[:rows_left]
-        self._trim()
+        if self.rows == 0:
+            self.clear()
         return moved
 
     def _copy_row(self, source: int, target: int) -> None:
-        for kv in self.self_kv:
-            kv[target] = kv[source]
-        self.self_mask[target] = self.self_mask[source]
+        used = self.slots
+        for buffer in self._self_kv:
+            buffer[target, :, :used] = buffer[source, :, :used]
+        self._self_mask[target] = self._self_mask[source]
         for buffer in self._cross_kv:
             buffer[target] = buffer[source]
         self._source_mask[target] = self._source_mask[source]
 
-    def _trim(self) -> None:
-        """Drop leading self-attention slots no row uses (at most all but one)."""
-        if self.rows == 0:
-            self.clear()
-            return
-        used = np.flatnonzero(self.self_mask.any(axis=0))
-        first = min(int(used[0]) if len(used) else self.slots - 1, self.slots - 1)
-        if first > 0:
-            self.self_kv = [np.ascontiguousarray(kv[:, :, first:]) for kv in self.self_kv]
-            self.self_mask = np.ascontiguousarray(self.self_mask[:, first:])
+
+def _regrow(array: np.ndarray, rows: int, width: int, used: int) -> np.ndarray:
+    """A zeroed array of `rows` rows and `width` on axis 2 (axis 1 for masks), with the first `used` rows
+    of `array` copied in."""
+    if array.ndim == 2:
+        out = np.zeros((rows, width), dtype=array.dtype)
+        out[:used, : array.shape[1]] = array[:used]
+        return out
+    out = np.zeros((rows, array.shape[1], width, array.shape[3]), dtype=array.dtype)
+    out[:used, :, : array.shape[2]] = array[:used]
+    return out

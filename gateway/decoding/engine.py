@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from gateway.decoding.batch import Batch, StepParts
-from gateway.decoding.search import Decoded, GenerationItem, Independent, Search, search_for
+from gateway.decoding.search import Decoded, GenerationItem, Independent, Search, StepView, search_for
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class Engine:
         for text in self._texts:
             tokens[text.rows] = text.next_tokens
             positions[text.rows] = text.length
-        logp = self.batch.step(tokens, positions)
+        view = StepView.of(self.batch.step(tokens, positions))
         leaving: list[int] = []
         survivors: list[_Text] = []
         new_tokens = 0
@@ -222,7 +222,7 @@ class Engine:
                 text.next_tokens = [text.forced[0]] * len(text.rows)
                 survivors.append(text)
                 continue
-            parents, chosen = text.search.step(logp[text.rows])
+            parents, chosen = text.search.step(view, text.rows)
             generated = text.search.new_tokens()
             new_tokens += len(generated) if isinstance(text.search, Independent) else 1
             if not text.first_token:

@@ -8,6 +8,7 @@ target-language token), the early-stopping heuristic, and hypotheses at the leng
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -98,14 +99,30 @@ def draw(logits: np.ndarray, sampling: SamplingOptions, rng: np.random.Generator
 Choice = tuple[list[int], list[int]]
 
 
+@dataclass(frozen=True)
+class StepView:
+    """One step's log-probabilities [batch rows, vocab], with each row's best token and its log-probability
+    worked out once for the whole batch (what greedy texts need, without copying their rows)."""
+
+    logp: np.ndarray
+    best: np.ndarray
+    best_logp: np.ndarray
+
+    @classmethod
+    def of(cls, logp: np.ndarray) -> StepView:
+        best = logp.argmax(axis=1)
+        return cls(logp, best, logp[np.arange(len(best)), best])
+
+
 class Search:
-    """One text's decoding. `rows` rows start it; each `step` gets those rows' log-probabilities [rows,
-    vocab] and returns the rows that go on (parents, next tokens), possibly fewer; `done` then `result()`."""
+    """One text's decoding. `rows` rows start it; each `step` gets the step's log-probabilities and the
+    text's rows there, and returns the rows that go on (parents among its rows, next tokens), possibly
+    fewer; `done` then `result()`."""
 
     rows: int
     done: bool = False
 
-    def step(self, logp: np.ndarray) -> Choice:
+    def step(self, view: StepView, rows: Sequence[int]) -> Choice:
         raise NotImplementedError
 
     def result(self) -> Decoded:
@@ -136,15 +153,15 @@ class Independent(Search):
         self.active = list(range(copies))  # copy index of each live row, in row order
         self._last: list[tuple[int, int]] = []
 
-    def step(self, logp: np.ndarray) -> Choice:
+    def step(self, view: StepView, rows: Sequence[int]) -> Choice:
         parents, tokens = [], []
         self._last = []
-        for row, copy in enumerate(self.active):
+        for row, (batch_row, copy) in enumerate(zip(rows, self.active, strict=True)):
             if self.sampling is not None:  # log-probabilities are logits up to a constant per row
-                token = draw(logp[row], self.sampling, self.rngs[copy])
+                token = draw(view.logp[batch_row], self.sampling, self.rngs[copy])
+                value = float(view.logp[batch_row, token])
             else:
-                token = int(logp[row].argmax())
-            value = float(logp[row, token])
+                token, value = int(view.best[batch_row]), float(view.best_logp[batch_row])
             self.scores[copy] += value
             if token == self.eos:
                 continue
@@ -182,9 +199,10 @@ class Beam(Search):
         self.pool: list[tuple[float, list[int], list[float]]] = []  # finished: (score, tokens, logprobs)
         self.generated = 0
 
-    def step(self, logp: np.ndarray) -> Choice:
+    def step(self, view: StepView, rows: Sequence[int]) -> Choice:
         self.generated += 1
         k, eos = self.k, self.eos
+        logp = view.logp[list(rows)]
         vocab = logp.shape[-1]
         total = (logp + self.running[:, None]).reshape(1, k * vocab)
         candidates = _top(total, 2 * k)[0]

@@ -81,8 +81,9 @@ class DecoderStep(nn.Module):
     input_ids [batch, 1]; positions [batch, 1] (the token's index in its row: 0 for the decoder start token);
     self_attention_mask [batch, slots + 1] (the cache slots, then the new token); encoder_attention_mask
     [batch, source]; then per layer past self keys and values [batch, heads, slots, head] and cross keys and
-    values [batch, heads, source, head]. Returns log-probabilities [batch, vocab] and per layer the self keys
-    and values with the new token appended [batch, heads, slots + 1, head]."""
+    values [batch, heads, source, head]. Returns log-probabilities [batch, vocab] and per layer the new
+    token's self-attention key and value [batch, heads, 1, head], which the engine writes into its cache:
+    the graph never copies the cache."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
@@ -116,10 +117,11 @@ class DecoderStep(nn.Module):
             x = layer.self_attn_layer_norm(hidden)
             attention = layer.self_attn
             query = _heads(attention.q_proj(x) * attention.scaling, self.heads)
-            key = torch.cat([past_key, _heads(attention.k_proj(x), self.heads)], dim=2)
-            value = torch.cat([past_value, _heads(attention.v_proj(x), self.heads)], dim=2)
+            key = _heads(attention.k_proj(x), self.heads)  # [batch, heads, 1, head]: the new token's
+            value = _heads(attention.v_proj(x), self.heads)
             presents += [key, value]
-            hidden = residual + attention.out_proj(self._attend(query, key, value, self_mask))
+            attended = self._attend_with_new(query, past_key, past_value, key, value, self_mask)
+            hidden = residual + attention.out_proj(attended)
             residual = hidden
             x = layer.encoder_attn_layer_norm(hidden)
             attention = layer.encoder_attn
@@ -135,6 +137,27 @@ class DecoderStep(nn.Module):
         return (torch.log_softmax(logits, dim=-1), *presents)
 
     @staticmethod
+    def _attend_with_new(
+        query: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention over the cache slots and the new token without concatenating them: the cache is read
+        where it lies, and only the new token's key and value leave the graph (the engine writes them into
+        its cache). The same as attending over cat(past, new)."""
+        scores = torch.cat(
+            [torch.matmul(query, past_key.transpose(-1, -2)), (query * key).sum(-1, keepdim=True)], -1
+        )
+        weights = torch.softmax(scores + mask, dim=-1)
+        slots = past_key.shape[2]
+        out = torch.matmul(weights[..., :slots], past_value) + weights[..., slots:] * value
+        batch, heads, length, width = out.shape
+        return out.transpose(1, 2).reshape(batch, length, heads * width)
+
+    @staticmethod
     def _attend(
         query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
@@ -146,11 +169,11 @@ class DecoderStep(nn.Module):
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str], list[str]]:
-    """(past inputs, cross inputs, present outputs) of the decoder step, in the graph's order per layer."""
+    """(past inputs, cross inputs, new-token outputs) of the decoder step, in the graph's order per layer."""
     past = [f"past.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     cross = [f"cross.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    return past, cross, present
+    new = [f"new.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return past, cross, new
 
 
 def _export(
@@ -223,7 +246,7 @@ def export_translation(model: PreTrainedModel, out_dir: Path) -> dict[str, Path]
     }
     axes |= {name: {0: "batch", 2: "slots"} for name in past}
     axes |= {name: kv_axes for name in cross}
-    axes |= {name: {0: "batch", 2: "slots_and_one"} for name in present}
+    axes |= {name: {0: "batch"} for name in present}
     step_args = (
         torch.full((batch, 1), 5, dtype=torch.int64),
         torch.tensor([[3], [1]], dtype=torch.int64),
