@@ -24,6 +24,7 @@ from gateway.decoding.batch import StepParts
 from gateway.decoding.engine import Engine, EngineSettings
 from gateway.decoding.search import DecodingOptions, GenerationItem
 from gateway.manifest import Manifest
+from gateway.runtime import part_settings
 from gateway.tokenization import pad_batch
 
 Batch = list[list[int]]  # token ids with special tokens, one row per text
@@ -180,7 +181,7 @@ class OrtTranslator:
         manifest = Manifest.read(export_dir)
         executor = ThreadPoolExecutor(1)
         parts = {
-            name: OnnxRuntimeBackend(export_dir / spec.file, _ort(device), executor)
+            name: OnnxRuntimeBackend(export_dir / spec.file, part_settings(_ort(device), name), executor)
             for name, spec in manifest.variants[variant].parts.items()
         }
         eos = manifest.special_tokens.eos_id

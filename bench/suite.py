@@ -32,7 +32,7 @@ from bench.gateway import GatewayProcess, server_split
 from bench.load import Call, LoadResult, closed_loop, open_loop, warm_up
 from bench.texts import TextMaker
 from gateway import __version__
-from gateway.manifest import Manifest, Task
+from gateway.manifest import Manifest, Task, is_current
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
 
@@ -159,7 +159,7 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 
 def prepare(settings: Settings, progress: Progress) -> None:
     """Build the demo checkpoints and exports that are missing (tiny: seconds; full: long)."""
-    missing = [m for m in settings.models if not (settings.work / "exports" / m / "manifest.json").is_file()]
+    missing = [m for m in settings.models if not is_current(settings.work / "exports" / m)]
     if not missing:
         return
     from gateway.export.demo import build_demo_models

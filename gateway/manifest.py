@@ -137,3 +137,12 @@ class Manifest(_Frozen):
     def read(cls, directory: Path) -> Manifest:
         path = directory / MANIFEST_NAME
         return cls.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def is_current(directory: Path) -> bool:
+    """Whether `directory` holds an export of this format (older ones are made again where they are built
+    on demand: the demo and benchmark caches)."""
+    try:
+        return Manifest.read(directory).format_version >= FORMAT_VERSION
+    except (OSError, ValueError):
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,12 @@ def _tokenizer(directory: Path, manifest: Manifest) -> TextTokenizer:
     )
 
 
+def part_settings(settings: OrtSettings, part: str) -> OrtSettings:
+    """The translation engine runs its decoder step back to back on its own thread: its session's threads
+    may spin between runs; every other session's must not (see OrtSettings.spinning)."""
+    return dataclasses.replace(settings, spinning=part == "decoder_step")
+
+
 def load_model(
     name: str,
     directory: Path,
@@ -85,7 +92,8 @@ def load_model(
     chosen = manifest.variants[choose_variant(manifest, settings.device, variant)]
     pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
     parts: dict[str, Backend] = {
-        part: OnnxRuntimeBackend(directory / spec.file, settings, pool) for part, spec in chosen.parts.items()
+        part: OnnxRuntimeBackend(directory / spec.file, part_settings(settings, part), pool)
+        for part, spec in chosen.parts.items()
     }
     return LoadedModel(name, directory, manifest, chosen, parts, _tokenizer(directory, manifest))
 

@@ -30,7 +30,7 @@ from gateway.config import ModelConfig, ServerConfig
 from gateway.decoding.engine import Engine
 from gateway.errors import InvalidInput
 from gateway.interceptors import GatewayInterceptor
-from gateway.manifest import FORMAT_VERSION, Manifest, Task
+from gateway.manifest import Task, is_current
 from gateway.metrics import Metrics
 from gateway.offload import behind_the_loop
 from gateway.pb.polyglot.v1 import polyglot_pb2, polyglot_pb2_grpc
@@ -61,7 +61,7 @@ DEMO_MODELS: tuple[tuple[str, str, Task], ...] = (
 def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
     """Build and export the tiny demo models under `directory` on first use (needs the export extra)."""
     exports = directory / "exports"
-    missing = [entry for entry in DEMO_MODELS if not _current(exports / entry[0])]
+    missing = [entry for entry in DEMO_MODELS if not is_current(exports / entry[0])]
     if missing:
         try:
             from gateway.export.demo import build_demo_models
@@ -78,14 +78,6 @@ def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
                 checkpoints / source, exports / name, ExportOptions(task=task, variants=("fp32", "int8"))
             )
     return tuple(ModelConfig(name=name, path=exports / name) for name, _, _ in DEMO_MODELS)
-
-
-def _current(export: Path) -> bool:
-    """An export this version serves as it is (a demo export of an older format is made again)."""
-    try:
-        return Manifest.read(export).format_version >= FORMAT_VERSION
-    except (OSError, ValueError):
-        return False
 
 
 def _task_model(

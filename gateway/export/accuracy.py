@@ -29,6 +29,7 @@ from gateway.decoding.engine import Engine, EngineSettings
 from gateway.decoding.search import DecodingOptions, GenerationItem
 from gateway.export.onnx import EMBEDDING_OUTPUTS
 from gateway.manifest import AccuracyReport
+from gateway.runtime import part_settings
 from gateway.samples import probe_sentences
 
 TRANSLATION_NEW_TOKENS = 32
@@ -194,7 +195,8 @@ def translation_engine(parts: dict[str, Path], provider: str, eos: int, pad: int
     device: Literal["cpu", "cuda"] = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
     executor = ThreadPoolExecutor(max_workers=1)
     backends = {
-        name: OnnxRuntimeBackend(path, OrtSettings(device=device), executor) for name, path in parts.items()
+        name: OnnxRuntimeBackend(path, part_settings(OrtSettings(device=device), name), executor)
+        for name, path in parts.items()
     }
     settings = EngineSettings(max_batch_size=512, max_batch_tokens=1 << 24)
     return Engine("accuracy", StepParts.of(backends), eos, pad, settings)

@@ -29,6 +29,7 @@ from gateway.backends.onnxruntime import OnnxRuntimeBackend, OrtSettings
 from gateway.decoding.batch import StepParts
 from gateway.decoding.engine import Engine, EngineSettings
 from gateway.manifest import TensorSpec
+from gateway.runtime import part_settings
 from gateway.triton.wire import pack_decoded, unpack_items
 
 
@@ -107,7 +108,7 @@ def load_parts(directory: Path, parts: str, settings: OrtSettings) -> dict[str, 
     loaded = {}
     for entry in parts.split(","):
         name, _, file = entry.partition("=")
-        loaded[name] = OnnxRuntimeBackend(directory / file, settings, executor)
+        loaded[name] = OnnxRuntimeBackend(directory / file, part_settings(settings, name), executor)
     return loaded
 
 
