@@ -62,8 +62,8 @@ class Batch:
 
     Self-attention keys and values live in buffers [row capacity, heads, slot capacity, head]; the decoder
     step reads a prefix of rows with every slot (those not used are masked) and returns only the new
-    token's key and value, which land at slot `slots`. The buffers grow by doubling, and when the slots run
-    out, slots no row uses any more are dropped first: no step copies the cache."""
+    token's key and value, which land at slot `slots`. Rows grow by doubling; when the slots run out, the
+    slots still used move to the front of buffers sized for them. No step copies the cache."""
 
     INITIAL_SLOTS = 16
 
@@ -170,22 +170,22 @@ class Batch:
         return out["logprobs"]
 
     def _make_slot(self) -> None:
-        """Slots are full: drop those no row uses; when that frees too few, double the slots."""
+        """Slots are full: the slots some row still uses move to the front of buffers sized for them and
+        half as many again (at least INITIAL_SLOTS more). Every step reads every slot, so the buffers follow
+        what is used instead of only growing: under continuous traffic the batch never empties, and a
+        capacity doubled once would be read at every step from then on. A move costs one copy of the slots
+        in use, once in every `headroom` steps."""
         used = np.flatnonzero(self._self_mask[: self.rows, : self.slots].any(axis=0))
         first = int(used[0]) if len(used) else self.slots
-        capacity = self._self_mask.shape[1]
-        if first >= max(1, capacity // 4):  # shift left: one copy, and a quarter of the slots or more freed
-            keep = self.slots - first
-            for buffer in self._self_kv:
-                buffer[:, :, :keep] = buffer[:, :, first : self.slots]
-                buffer[:, :, keep:] = 0
-            self._self_mask[:, :keep] = self._self_mask[:, first : self.slots]
-            self._self_mask[:, keep:] = 0
-            self.slots = keep
-        else:
-            rows = self._self_mask.shape[0]
-            self._self_kv = [_regrow(b, rows, 2 * capacity, rows) for b in self._self_kv]
-            self._self_mask = _regrow(self._self_mask, rows, 2 * capacity, rows)
+        keep = self.slots - first
+        width = keep + max(self.INITIAL_SLOTS, keep // 2)
+        self._self_kv = [_window(b, self.rows, first, self.slots, width) for b in self._self_kv]
+        self._self_mask = _window(self._self_mask, self.rows, first, self.slots, width)
+        self.slots = keep
+
+    @property
+    def slot_capacity(self) -> int:
+        return int(self._self_mask.shape[1])
 
     def reorder(self, rows: Sequence[int], parents: Sequence[int]) -> None:
         """Within one text's `rows` (its beams): row rows[i] takes the self-attention state of
@@ -240,4 +240,16 @@ def _regrow(array: np.ndarray, rows: int, width: int, used: int) -> np.ndarray:
         return out
     out = np.zeros((rows, array.shape[1], width, array.shape[3]), dtype=array.dtype)
     out[:used, :, : array.shape[2]] = array[:used]
+    return out
+
+
+def _window(array: np.ndarray, used: int, start: int, stop: int, width: int) -> np.ndarray:
+    """A zeroed array as `array` with `width` slots (axis 2; axis 1 for masks), holding slots
+    start..stop-1 of its first `used` rows at the front."""
+    if array.ndim == 2:
+        out = np.zeros((array.shape[0], width), dtype=array.dtype)
+        out[:used, : stop - start] = array[:used, start:stop]
+        return out
+    out = np.zeros((array.shape[0], array.shape[1], width, array.shape[3]), dtype=array.dtype)
+    out[:used, :, : stop - start] = array[:used, :, start:stop]
     return out

@@ -1,5 +1,5 @@
 """The batch's cache against each row decoded alone: rows joining and leaving at different steps, beams
-reordering, slots shifted and grown (from two slots, so that every step of growth happens)."""
+reordering, slots moved and resized (from two slots, so that every step of it happens)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def test_rows_that_join_leave_and_reorder_read_what_they_read_alone(
     batch = Batch(step_parts, pad)
     where: dict[int, list[int]] = {}  # text -> its rows (texts 2 and 4 as two copies, like beams)
     fed = [0] * texts
+    span = capacity = 0  # the most slots in use at once, and the largest slot capacity
     for step in range(80):
         joining = [t for t in range(texts) if joins[t] == step]
         if joining:
@@ -65,6 +66,8 @@ def test_rows_that_join_leave_and_reorder_read_what_they_read_alone(
         for t, rows in where.items():
             tokens[rows], positions[rows] = sequences[t][fed[t]], fed[t]
         logprobs = batch.step(tokens, positions)
+        span = max(span, *(fed[t] + 1 for t in where))  # the oldest row's slots
+        capacity = max(capacity, batch.slot_capacity)
         for t, rows in where.items():
             for row in rows:
                 np.testing.assert_allclose(
@@ -80,3 +83,4 @@ def test_rows_that_join_leave_and_reorder_read_what_they_read_alone(
         where = {t: [moved.get(r, r) for r in rows] for t, rows in where.items()}
     assert fed == lengths
     assert batch.rows == 0
+    assert capacity <= span + span // 2, f"{capacity} slots for at most {span} in use"  # not doubled
