@@ -80,13 +80,34 @@ def draw(logits: np.ndarray, sampling: SamplingOptions, rng: np.random.Generator
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
     if sampling.top_p < 1:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, sampling.top_p) + 1)]
+        keep = nucleus(probs, sampling.top_p)
         kept = np.zeros_like(probs)
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
     return int(rng.choice(len(probs), p=probs))
+
+
+def nucleus(probs: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
+    """The most probable tokens, in order (ties: the lower token first), up to and including the one whose
+    cumulative probability reaches top_p. The same as the prefix of a full sort of the vocabulary, found
+    by sorting only the best `first` tokens, then more, until the prefix is inside them: a peaked
+    distribution's nucleus is a few tokens of the 256k, which a full sort took ~35 ms a row to find."""
+    count = min(first, len(probs))
+    while True:
+        if 8 * count > len(probs):  # most of the vocabulary: one sort of it all
+            count = len(probs)
+            best = np.argsort(-probs, kind="stable")
+        else:
+            cut = len(probs) - count
+            best = np.flatnonzero(probs >= np.partition(probs, cut)[cut])  # those tied at the cut, too
+            best = best[np.argsort(-probs[best], kind="stable")]  # ascending tokens: ties stay in order
+        cumulative = np.cumsum(probs[best])
+        end = int(np.searchsorted(cumulative, top_p)) + 1
+        if end <= len(best) or count == len(probs):
+            return best[:end]
+        # every token left is at most as probable as the last one: at least this many more are needed
+        more = (top_p - cumulative[-1]) / max(float(probs[best[-1]]), 1e-300)
+        count = int(min(len(probs), max(2 * len(best), 1.25 * (len(best) + more))))
 
 
 # A step's choice: for each row that goes on, its parent among the search's current rows and its next token.

@@ -1,11 +1,11 @@
-"""Beam search's candidate selection against a full sort of every row's vocabulary."""
+"""Beam search's candidates and the sampling nucleus, each against a full sort of the vocabulary."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gateway.decoding.search import GROUP, StepView, best_candidates
+from gateway.decoding.search import GROUP, StepView, best_candidates, nucleus
 
 
 def _by_full_sort(logp: np.ndarray, rows: list[int], add: np.ndarray, n: int) -> list[tuple[int, int, float]]:
@@ -31,3 +31,19 @@ def test_the_best_candidates_are_those_of_a_full_sort(vocab: int, beams: int, se
     n = 2 * beams
     got = best_candidates(StepView.of(logp), rows, add, n)
     assert got == _by_full_sort(logp, rows, add, n)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("top_p", [0.1, 0.9, 0.999999])
+def test_thenucleus_is_the_prefix_of_a_full_sort(scale: float, top_p: float) -> None:
+    rng = np.random.default_rng(int(scale * 10))
+    for trial in range(20):
+        logits = rng.standard_normal(int(rng.integers(2, 5000))) * scale
+        if trial % 2:
+            logits = np.round(logits, 1)  # ties: the lower token first
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        expected = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+        got = nucleus(probs, top_p, first=int(rng.integers(1, 64)))
+        np.testing.assert_array_equal(got, expected)
