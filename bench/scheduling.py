@@ -3,12 +3,15 @@ of an encoder by translations in the same server (a measurement, not a test).
 
     python -m bench.scheduling --translation EXPORT_DIR [--embedding EXPORT_DIR] [--variant int8]
 
-1. For `static` then `continuous`, one `pgw serve` with the translation model: closed loops at each
+1. `static` and `continuous`, each on its own `pgw serve` of the translation model, started together and
+   loaded in turn (each load point in two rounds, alternating which goes first): closed loops at each
    concurrency of mixed single-sentence requests (8-60 tokens, as many new tokens as the source has, so
-   rows end at different steps), then Poisson arrivals at 0.8 of the best closed-loop rate. From the
-   server's metrics: the mean wait to join the batch, in decoder steps (wait / mean step time).
+   rows end at different steps), then Poisson arrivals at 0.8 of each one's best closed-loop rate. From
+   the servers' metrics: the mean wait for the engine to take a text, also in decoder steps (wait / mean
+   step time), the encoder time of those that joined, rows and time a step.
 2. Head-of-line: one-text Embed requests (closed loop, one caller) while two callers send 8-text beam-8
-   translations, first with both models in one server, then with the translations on another server.
+   translations, with both models in one server and with the translations on another server, in
+   alternating rounds.
 Writes scheduling.json, scheduling.md and scheduling.png to --out.
 """
 
@@ -20,6 +23,8 @@ import json
 import random
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ import grpc
 import numpy as np
 
 from bench.gateway import GatewayProcess
-from bench.load import LoadResult, closed_loop, open_loop
+from bench.load import LoadResult, Sample, closed_loop, open_loop
 from bench.texts import TextMaker
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
@@ -62,12 +67,20 @@ def translate_call(stub: pb_grpc.PolyglotStub, texts: list[tuple[str, int]]) -> 
     return call
 
 
+METRICS = (
+    "pgw_queue_duration_seconds",
+    "pgw_engine_step_duration_seconds",
+    "pgw_engine_encode_duration_seconds",
+    "pgw_batch_size",
+)
+
+
 def scrape(gateway: GatewayProcess) -> dict[str, float]:
-    """Sums and counts of the engine's join wait and step time."""
+    """Sums and counts of the engine's join wait, step time, encoder time and rows a step."""
     url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     values: dict[str, float] = {}
-    for metric in ("pgw_queue_duration_seconds", "pgw_engine_step_duration_seconds", "pgw_batch_size"):
+    for metric in METRICS:
         for kind in ("sum", "count"):
             total = 0.0
             for line in text.splitlines():
@@ -77,15 +90,18 @@ def scrape(gateway: GatewayProcess) -> dict[str, float]:
     return values
 
 
-def engine_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def engine_split(delta: dict[str, float]) -> dict[str, float]:
+    """Means over a run from the difference of two scrapes (summed over rounds)."""
+
     def mean(metric: str) -> float:
-        count = after[f"{metric}_count"] - before[f"{metric}_count"]
-        return (after[f"{metric}_sum"] - before[f"{metric}_sum"]) / count if count else 0.0
+        count = delta[f"{metric}_count"]
+        return delta[f"{metric}_sum"] / count if count else 0.0
 
     wait, step = mean("pgw_queue_duration_seconds"), mean("pgw_engine_step_duration_seconds")
     return {
         "join_wait_ms": 1000 * wait,
         "step_ms": 1000 * step,
+        "encode_ms": 1000 * mean("pgw_engine_encode_duration_seconds"),
         "join_wait_steps": wait / step if step else 0.0,
         "rows_per_step": mean("pgw_batch_size"),
     }
@@ -106,33 +122,97 @@ def row(scheduling: str, result: LoadResult, split: dict[str, float] | None = No
     }
 
 
-async def scheduling_runs(args: argparse.Namespace, texts: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for scheduling in ("static", "continuous"):
+class Side:
+    """One scheduling's server, and what its rounds at one load point added up to."""
+
+    def __init__(self, scheduling: str, args: argparse.Namespace) -> None:
         batching = {"scheduling": scheduling, "max_batch_size": args.max_batch_size, "max_queue_delay_ms": 5}
-        gateway = GatewayProcess(NLLB, args.translation, args.variant, args.out / "logs", batching=batching)
-        gateway.start()
-        try:
-            async with grpc.aio.insecure_channel(gateway.address) as channel:
-                call = translate_call(pb_grpc.PolyglotStub(channel), texts)
-                await closed_loop(call, 4, requests=8)  # warm-up
-                for concurrency in args.concurrency:
-                    before = scrape(gateway)
-                    result = await closed_loop(call, concurrency, seconds=args.seconds)
-                    rows.append(row(scheduling, result, engine_split(before, scrape(gateway))))
-                best = max(r["requests_per_s"] for r in rows if r["scheduling"] == scheduling)
-                before = scrape(gateway)
-                result = await open_loop(call, 0.8 * best, args.seconds, seed=1)
-                rows.append(row(scheduling, result, engine_split(before, scrape(gateway))))
-        finally:
-            gateway.stop()
+        self.scheduling = scheduling
+        self.gateway = GatewayProcess(
+            NLLB, args.translation, args.variant, args.out / "logs" / scheduling, batching=batching
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples: list[Sample] = []
+        self.seconds = 0.0
+        self.delta = dict.fromkeys((f"{m}_{k}" for m in METRICS for k in ("sum", "count")), 0.0)
+
+    async def run(self, load: Awaitable[LoadResult]) -> LoadResult:
+        before = scrape(self.gateway)
+        result = await load
+        after = scrape(self.gateway)
+        for key in self.delta:
+            self.delta[key] += after[key] - before[key]
+        self.samples += result.samples
+        self.seconds += result.seconds
+        return result
+
+    def row(self, mode: str, level: float) -> dict[str, Any]:
+        pooled = row(
+            self.scheduling, LoadResult(mode, level, self.seconds, self.samples), engine_split(self.delta)
+        )
+        self.reset()
+        return pooled
+
+
+def closed_at(calls: dict[str, Any], concurrency: int, seconds: float, scheduling: str, turn: int) -> Any:
+    return closed_loop(calls[scheduling], concurrency, seconds=seconds)
+
+
+def poisson_at(
+    calls: dict[str, Any], best: dict[str, float], seconds: float, scheduling: str, turn: int
+) -> Any:
+    """Poisson arrivals at 0.8 of the scheduling's best closed-loop rate; another seed every round."""
+    return open_loop(calls[scheduling], 0.8 * best[scheduling], seconds, seed=1 + turn)
+
+
+async def scheduling_runs(
+    args: argparse.Namespace, texts: list[tuple[str, int]], rounds: int = 2
+) -> list[dict[str, Any]]:
+    """Both schedulings, each on its own server, started together; every load point runs in `rounds`
+    rounds that alternate which goes first, so that drift in the machine's speed falls on both alike."""
+    sides = [Side("static", args), Side("continuous", args)]
+    rows: list[dict[str, Any]] = []
+    for side in sides:
+        side.gateway.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(sides[0].gateway.address) as first,
+            grpc.aio.insecure_channel(sides[1].gateway.address) as second,
+        ):
+            calls = {
+                side.scheduling: translate_call(pb_grpc.PolyglotStub(channel), texts)
+                for side, channel in zip(sides, (first, second), strict=True)
+            }
+            for side in sides:
+                await closed_loop(calls[side.scheduling], 4, requests=8)  # warm-up
+
+            async def alternate(make: Callable[[str, int], Awaitable[LoadResult]]) -> None:
+                for turn in range(rounds):
+                    for side in sides if turn % 2 == 0 else sides[::-1]:
+                        await side.run(make(side.scheduling, turn))
+
+            seconds = args.seconds / rounds
+            for concurrency in args.concurrency:
+                await alternate(partial(closed_at, calls, concurrency, seconds))
+                rows += [side.row("closed", concurrency) for side in sides]
+            best = {
+                side.scheduling: max(r["requests_per_s"] for r in rows if r["scheduling"] == side.scheduling)
+                for side in sides
+            }
+            await alternate(partial(poisson_at, calls, best, seconds))
+            rows += [side.row("open", 0.8 * best[side.scheduling]) for side in sides]
+    finally:
+        for side in sides:
+            side.gateway.stop()
     return rows
 
 
 async def _embed_while_translating(
     embed_address: str, translate_address: str, maker: TextMaker, seconds: float
-) -> dict[str, float]:
-    """Embed p50/p99 (one caller) while two callers keep 8-text beam-8 translations in flight."""
+) -> list[float]:
+    """Embed latencies in ms (one caller) while two callers keep 8-text beam-8 translations in flight."""
     texts = [t.text for t in maker.texts(8, 24, lang="eng_Latn")]
     async with (
         grpc.aio.insecure_channel(embed_address) as embed_channel,
@@ -164,6 +244,10 @@ async def _embed_while_translating(
         tasks = [asyncio.ensure_future(translations()) for _ in range(2)]
         latencies = await embeds()
         await asyncio.gather(*tasks)
+    return latencies
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
     return {
         "embed_p50_ms": float(np.percentile(latencies, 50)),
         "embed_p99_ms": float(np.percentile(latencies, 99)),
@@ -171,43 +255,50 @@ async def _embed_while_translating(
     }
 
 
-async def head_of_line(args: argparse.Namespace, maker: TextMaker) -> dict[str, Any]:
+async def head_of_line(args: argparse.Namespace, maker: TextMaker, rounds: int = 4) -> dict[str, Any]:
+    """Same server against separate servers, in alternating rounds so that drift in the machine's load
+    falls on both alike; each side's latencies are pooled over its rounds."""
     embed_model = {"name": EMBED, "path": str(args.embedding), "variant": args.variant}
     together = GatewayProcess(
         NLLB, args.translation, args.variant, args.out / "logs", extra_models=[embed_model]
     )
-    together.start()
-    try:
-        same = await _embed_while_translating(together.address, together.address, maker, args.seconds)
-    finally:
-        together.stop()
     translator = GatewayProcess(NLLB, args.translation, args.variant, args.out / "logs" / "apart")
     embedder = GatewayProcess(EMBED, args.embedding, args.variant, args.out / "logs" / "apart")
-    translator.start()
-    embedder.start()
+    processes = (together, translator, embedder)
+    same: list[float] = []
+    apart: list[float] = []
     try:
-        apart = await _embed_while_translating(embedder.address, translator.address, maker, args.seconds)
+        for process in processes:
+            process.start()
+        for _ in range(rounds):
+            seconds = args.seconds / rounds
+            same += await _embed_while_translating(together.address, together.address, maker, seconds)
+            apart += await _embed_while_translating(embedder.address, translator.address, maker, seconds)
     finally:
-        translator.stop()
-        embedder.stop()
+        for process in processes:
+            process.stop()
+    same_server, separate_servers = _percentiles(same), _percentiles(apart)
     return {
-        "same_server": same,
-        "separate_servers": apart,
-        "p99_ratio": same["embed_p99_ms"] / apart["embed_p99_ms"],
+        "rounds": rounds,
+        "same_server": same_server,
+        "separate_servers": separate_servers,
+        "p99_ratio": same_server["embed_p99_ms"] / separate_servers["embed_p99_ms"],
     }
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "| scheduling | load | requests/s | tokens/s | p50 ms | p99 ms | join wait ms | steps | rows/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scheduling | load | requests/s | tokens/s | p50 ms | p99 ms | join wait ms | steps | encode ms "
+        "| rows/step | step ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         load = f"closed x{r['level']}" if r["mode"] == "closed" else f"Poisson {r['level']:.2f}/s"
         lines.append(
             f"| {r['scheduling']} | {load} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
             f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r.get('join_wait_ms', 0):.0f} | "
-            f"{r.get('join_wait_steps', 0):.2f} | {r.get('rows_per_step', 0):.1f} |"
+            f"{r.get('join_wait_steps', 0):.2f} | {r.get('encode_ms', 0):.1f} | "
+            f"{r.get('rows_per_step', 0):.1f} | {r.get('step_ms', 0):.1f} |"
         )
     lines.append("")
     for key, value in report["comparison"].items():
@@ -223,33 +314,57 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(rows: list[dict[str, Any]]) -> dict[str, str]:
+def step_cost(rows: list[dict[str, Any]], scheduling: str) -> tuple[float, float]:
+    """Least squares of step ms = a + b * rows per step over one scheduling's closed-loop rows."""
+    points = [r for r in rows if r["scheduling"] == scheduling and r["mode"] == "closed"]
+    b, a = np.polyfit([r["rows_per_step"] for r in points], [r["step_ms"] for r in points], 1)
+    return float(a), float(b)
+
+
+def compare(rows: list[dict[str, Any]], at: int = 8) -> dict[str, str]:
+    """The issue's figures: at concurrency `at` (and at the highest), at concurrency 1, under Poisson
+    arrivals; and the step cost, which bounds what filling the batch can gain."""
+
     def closed(scheduling: str, level: int) -> dict[str, Any]:
         return next(
             r for r in rows if r["scheduling"] == scheduling and r["mode"] == "closed" and r["level"] == level
         )
 
-    top = max(r["level"] for r in rows if r["mode"] == "closed")
+    levels = sorted({r["level"] for r in rows if r["mode"] == "closed"})
     poisson = next(r for r in rows if r["scheduling"] == "continuous" and r["mode"] == "open")
-    static_top, continuous_top = closed("static", top), closed("continuous", top)
     one_static, one_continuous = closed("static", 1), closed("continuous", 1)
-    return {
-        f"throughput at concurrency {top}, continuous / static": (
-            f"{continuous_top['requests_per_s'] / static_top['requests_per_s']:.2f}x "
-            f"({continuous_top['requests_per_s']:.2f} vs {static_top['requests_per_s']:.2f} req/s)"
-        ),
-        f"mean join wait at concurrency {top} (continuous)": (
-            f"{continuous_top['join_wait_steps']:.2f} decoder steps"
-        ),
-        "p50 at concurrency 1, continuous / static": (
-            f"{one_continuous['p50_ms'] / one_static['p50_ms']:.3f} ({one_continuous['p50_ms']:.0f} vs "
-            f"{one_static['p50_ms']:.0f} ms)"
-        ),
-        "Poisson at 0.8 of the best rate, p50 / concurrency-1 p50 (continuous)": (
-            f"{poisson['p50_ms'] / one_continuous['p50_ms']:.2f}x ({poisson['p50_ms']:.0f} vs "
-            f"{one_continuous['p50_ms']:.0f} ms)"
-        ),
-    }
+    out: dict[str, str] = {}
+    for level in dict.fromkeys(level for level in (at, levels[-1]) if level in levels):
+        static, continuous = closed("static", level), closed("continuous", level)
+        out[f"throughput at concurrency {level}, continuous / static"] = (
+            f"{continuous['requests_per_s'] / static['requests_per_s']:.2f}x "
+            f"({continuous['requests_per_s']:.2f} vs {static['requests_per_s']:.2f} req/s; "
+            f"{continuous['rows_per_step']:.1f} vs {static['rows_per_step']:.1f} rows a step)"
+        )
+        out[f"mean join wait at concurrency {level}"] = (
+            f"continuous {continuous['join_wait_steps']:.2f} decoder steps, static "
+            f"{static['join_wait_steps']:.2f}"
+        )
+    out["p50 at concurrency 1, continuous / static"] = (
+        f"{one_continuous['p50_ms'] / one_static['p50_ms']:.3f} ({one_continuous['p50_ms']:.0f} vs "
+        f"{one_static['p50_ms']:.0f} ms)"
+    )
+    out["Poisson at 0.8 of the best rate, p50 / concurrency-1 p50 (continuous)"] = (
+        f"{poisson['p50_ms'] / one_continuous['p50_ms']:.2f}x ({poisson['p50_ms']:.0f} vs "
+        f"{one_continuous['p50_ms']:.0f} ms)"
+    )
+    for scheduling in ("static", "continuous"):
+        a, b = step_cost(rows, scheduling)
+        out[f"step cost ({scheduling}, closed loops)"] = f"{a:.1f} ms + {b:.2f} ms per row"
+    a, b = step_cost(rows, "continuous")
+    level = at if at in levels else levels[-1]
+    static, continuous = closed("static", level), closed("continuous", level)
+    per_token = [(a + b * r["rows_per_step"]) / r["rows_per_step"] for r in (static, continuous)]
+    out["what filling the batch can gain at that cost"] = (
+        f"{per_token[0] / per_token[1]:.2f}x per generated token ({static['rows_per_step']:.1f} -> "
+        f"{continuous['rows_per_step']:.1f} rows a step)"
+    )
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

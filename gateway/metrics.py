@@ -112,6 +112,13 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.engine_encode_seconds = Histogram(
+            "pgw_engine_encode_duration_seconds",
+            "Time the translation engine spent encoding the texts that joined before a step.",
+            ["model", "variant"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.generated_tokens = Counter(
             "pgw_generated_tokens",
             "Tokens the translation engine generated.",
@@ -174,9 +181,10 @@ class Metrics:
     def engine_observer(self, model: str, variant: str) -> Callable[[StepStats], None]:
         """A decoding engine observer recording its steps under (model, variant). A step is the engine's
         batch: the batch histograms get its rows, cached tokens and time; the queue histogram how long each
-        text waited to join."""
+        text waited for the engine to take it; the encode histogram the encoder runs of those that joined."""
         admissions = self.engine_admissions.labels(model, variant)
         step = self.engine_step_seconds.labels(model, variant)
+        encode = self.engine_encode_seconds.labels(model, variant)
         tokens = self.generated_tokens.labels(model, variant)
         first = self.time_to_first_token.labels(model, variant)
         queue = self.queue_seconds.labels(model, variant)
@@ -187,6 +195,8 @@ class Metrics:
         def observe(stats: StepStats) -> None:
             admissions.observe(stats.admitted)
             step.observe(stats.seconds)
+            if stats.admitted:
+                encode.observe(stats.encode_seconds)
             inference.observe(stats.seconds)
             size.observe(stats.rows)
             cached.observe(stats.cached_tokens)

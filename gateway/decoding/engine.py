@@ -59,8 +59,9 @@ class StepStats:
     seconds: float
     new_tokens: int
     first_tokens: Sequence[float] = ()  # seconds from submission to the first token, for texts that got it
-    waited: Sequence[float] = ()  # seconds the texts that joined before it had waited
+    waited: Sequence[float] = ()  # seconds the texts that joined before it waited for the engine to take them
     cached_tokens: int = 0
+    encode_seconds: float = 0.0  # running the encoder for the texts that joined
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class Engine:
     def _iteration(self) -> bool:
         """One step; False when there was nothing to do."""
         self._drop_departed()
-        waited = self._admit()
+        waited, encode_seconds = self._admit()
         if not self._texts:
             return bool(self._waiting)
         started = time.monotonic()
@@ -247,7 +248,9 @@ class Engine:
         self._remove(leaving)
         if self.observer is not None:
             seconds = time.monotonic() - started
-            stats = StepStats(len(tokens), len(waited), seconds, new_tokens, first, waited, cached)
+            stats = StepStats(
+                len(tokens), len(waited), seconds, new_tokens, first, waited, cached, encode_seconds
+            )
             self.observer(stats)
         return True
 
@@ -258,11 +261,12 @@ class Engine:
             for text in self._texts:
                 text.rows = [moved.get(row, row) for row in text.rows]
 
-    def _admit(self) -> list[float]:
+    def _admit(self) -> tuple[list[float], float]:
         """Let waiting texts join, first come first served, while the budgets allow (static: only into an
-        empty batch). An empty batch always takes the next text."""
+        empty batch). An empty batch always takes the next text. Returns how long each waited for the engine
+        to take it, and the seconds its encoder took."""
         if self.settings.scheduling == "static" and self._texts:
-            return []
+            return [], 0.0
         joining: list[_Text] = []
         budget = self.settings
         rows, cached = self.batch.rows, self.batch.cached_tokens
@@ -286,7 +290,9 @@ class Engine:
                 forced = list(item.prefix)
                 joining.append(_Text(request, index, search, forced, [forced[0]] * search.rows))
         if not joining:
-            return []
+            return [], 0.0
+        taken = time.monotonic()
+        waited = [taken - text.request.submitted for text in joining]
         try:
             sources = [text.request.items[text.index].source for text in joining]
             cross_kv, source_mask = self.batch.encode(sources)
@@ -294,13 +300,12 @@ class Engine:
             log.error("encoder failed on %s: %s", self.name, exc, exc_info=exc)
             for text in joining:
                 self._fail(text.request, exc)
-            return []
+            return [], 0.0
         placed = self.batch.join(cross_kv, source_mask, [t.search.rows for t in joining])
         for text, text_rows in zip(joining, placed, strict=True):
             text.rows = text_rows
         self._texts.extend(joining)
-        now = time.monotonic()
-        return [now - text.request.submitted for text in joining]
+        return waited, time.monotonic() - taken
 
     def _drop_departed(self) -> None:
         """Texts whose request was cancelled or whose deadline passed leave the batch now."""
