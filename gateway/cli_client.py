@@ -12,12 +12,16 @@ from typing import Annotated, TypeVar
 import grpc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from gateway.client import PolyglotClient, Tls, vectors
 
-out = Console()
-err = Console(stderr=True)
+# User text and model output are printed verbatim (escaped, never read as markup) and never hard-wrapped:
+# a terminal wraps long lines itself, and a pipe gets one line per line.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 Server = Annotated[str, typer.Option(help="host:port of the gateway (env PGW_SERVER).")]
 ApiKey = Annotated[str | None, typer.Option(help="API key, when the server asks for one (env PGW_API_KEY).")]
@@ -56,13 +60,13 @@ def _call(conn: Connection, action: Callable[[PolyglotClient], T]) -> T:
     try:
         client = PolyglotClient(target, key, tls=tls)
     except (OSError, ValueError) as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
     with client:
         try:
             return action(client)
         except grpc.RpcError as exc:
-            err.print(f"[bold red]error:[/] {exc.code().name}: {exc.details()}")
+            err.print(f"[bold red]error:[/] {exc.code().name}: {escape(exc.details() or '')}")
             raise typer.Exit(code=1) from exc
 
 
@@ -91,9 +95,9 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
             ),
         )
         for text, translation in zip(texts, reply.translations, strict=True):
-            out.print(f"[dim]{reply.source_lang}:[/] {text}")
-            out.print(f"[bold]{reply.target_lang}:[/] {translation.hypotheses[0].text}")
-        out.print(f"[dim]{reply.model}, {reply.timing.total_ms:.1f} ms[/]")
+            out.print(f"[dim]{reply.source_lang}:[/] {escape(text)}")
+            out.print(f"[bold]{reply.target_lang}:[/] {escape(translation.hypotheses[0].text)}")
+        out.print(f"[dim]{escape(reply.model)}, {reply.timing.total_ms:.1f} ms[/]")
 
     @app.command("segment")
     def segment(
@@ -116,7 +120,7 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
             if len(texts) > 1:
                 out.print(f"[bold]text {number}[/]")
             for index, sentence in enumerate(result.sentences, 1):
-                out.print(f"{index:>3}  {sentence.text.strip()}")
+                out.print(f"{index:>3}  {escape(sentence.text.strip())}")
 
     @app.command("classify")
     def classify(
@@ -136,7 +140,7 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
             lambda c: c.classify(texts, model=model, format=format, scores=scores),
         )
         for text, result in zip(texts, reply.results, strict=True):
-            table = Table(title=text if len(text) < 80 else text[:77] + "...")
+            table = Table(title=Text(text if len(text) < 80 else text[:77] + "..."))
             for column in (
                 "token",
                 "start",
@@ -149,16 +153,17 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
             for token in result.tokens:
                 extra = [" ".join(f"{v:.3f}" for v in token.scores)] if scores != "none" else []
                 table.add_row(
-                    repr(token.token),
+                    Text(repr(token.token)),
                     str(token.start),
                     str(token.end),
-                    token.label,
+                    Text(token.label),
                     f"{token.score:.3f}",
                     *extra,
                 )
             out.print(table)
             for span in result.spans:
-                out.print(f"  {span.label} [{span.start}:{span.end}] {span.text!r} ({span.score:.3f})")
+                where = f"[{span.start}:{span.end}]"
+                out.print(Text(f"  {span.label} {where} {span.text!r} ({span.score:.3f})"))
 
     @app.command("embed")
     def embed(
@@ -184,7 +189,7 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
             return
         for text, row in zip(texts, matrix, strict=True):
             head = ", ".join(f"{v:.4f}" for v in row[:6])
-            out.print(f"{text[:40]!r}: [{head}, ...] ({reply.dimensions} dims)")
+            out.print(Text(f"{text[:40]!r}: [{head}, ...] ({reply.dimensions} dims)"))
 
     @app.command("fill-mask")
     def fill_mask(
@@ -203,10 +208,10 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
             lambda c: c.fill_mask(texts, model=model, top_k=top_k),
         )
         for text, result in zip(texts, reply.results, strict=True):
-            out.print(f"[bold]{text}[/]")
+            out.print(Text(text, style="bold"))
             for mask in result.masks:
                 guesses = ", ".join(f"{p.token} ({p.score:.3f})" for p in mask.predictions)
-                out.print(f"  [{mask.start}:{mask.end}] {guesses}")
+                out.print(Text(f"  [{mask.start}:{mask.end}] {guesses}"))
 
     @models_app.command("list")
     def list_models(
@@ -218,18 +223,22 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
     ) -> None:
         """The served models, their variants, devices and accuracy against fp32."""
         reply = _call(Connection(server, api_key, tls_ca, tls_cert, tls_key), lambda c: c.list_models())
-        table = Table(title=f"models on {server}")
+        table = Table(title=Text(f"models on {server}"))
         for column in ("name", "task", "variant", "runs on", "default"):
             table.add_column(column, no_wrap=column in ("name", "variant"))
         for m in reply.models:
             provider = m.provider.removesuffix("ExecutionProvider")
             name = m.name + (" *" if m.random_weights else "")
             table.add_row(
-                name, m.task, m.variant, f"{m.backend} {m.device} {provider}", "yes" if m.is_default else ""
+                Text(name),
+                m.task,
+                m.variant,
+                f"{m.backend} {m.device} {provider}",
+                "yes" if m.is_default else "",
             )
         out.print(table)
         if any(m.random_weights for m in reply.models):
             out.print("* random-weight demo model: its outputs mean nothing")
         for m in reply.models:
             figures = ", ".join(f"{x.name}={x.value:.4g}" for x in m.accuracy.metrics)
-            out.print(f"{m.name} {m.variant} vs {m.accuracy.reference}: {figures}")
+            out.print(Text(f"{m.name} {m.variant} vs {m.accuracy.reference}: {figures}"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -88,6 +89,14 @@ async def test_cli_commands(gateway: GatewayServer) -> None:
     assert "1  " in (await asyncio.to_thread(invoke, "segment", "One sentence. Another one."))
     assert "dims" in (await asyncio.to_thread(invoke, "embed", "vector please"))
     assert "nllb-demo" in (await asyncio.to_thread(invoke, "models", "list"))
+    # User text and model output print verbatim, never as markup, one line each even through a pipe.
+    text = "see [/x] here, " * 12 + "[bold]Hi[/bold]"
+    output = await asyncio.to_thread(invoke, "translate", text, "--to", "fra_Latn", "--max-new-tokens", "3")
+    assert f"eng_Latn: {text}\n" in output
+    lines = (await asyncio.to_thread(invoke, "segment", text)).splitlines()
+    numbered = [re.match(r" *\d+  (.*)$", line) for line in lines]
+    assert all(numbered), f"a sentence was wrapped: {lines}"
+    assert "".join(m.group(1) for m in numbered if m).replace(" ", "") == text.replace(" ", "")
     failed = await asyncio.to_thread(
         runner.invoke, app, ["translate", "Hi", "--to", "zz", "--server", server]
     )
