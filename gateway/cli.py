@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,6 +26,9 @@ from gateway.cli_triton import repo as write_triton_repo
 from gateway.errors import GatewayError
 from gateway.manifest import TASKS, VARIANTS, VariantName
 
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
+
 app = typer.Typer(
     name="pgw", help="Polyglot Gateway: multilingual NLP models over gRPC.", no_args_is_help=True
 )
@@ -34,7 +38,7 @@ console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
     return typer.Exit(code=1)
 
 
@@ -171,6 +175,21 @@ def export(
         )
 
 
+def _served_model(entry: str, variant: str | None) -> ModelConfig:
+    """NAME=EXPORT_DIR[:VARIANT]; a directory whose name ends in ':fp32' needs --variant or the config."""
+    from gateway.config import ModelConfig
+
+    name, equals, path = entry.partition("=")
+    if not equals or not name or not path:
+        raise ValueError(f"--model takes NAME=EXPORT_DIR[:VARIANT], not {entry[:100]!r}")
+    head, colon, tail = path.rpartition(":")
+    if colon and tail in VARIANTS:
+        path, variant = head, tail
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant {variant[:100]!r}: choose fp32, fp16 or int8")
+    return ModelConfig(name=name, path=Path(path), variant=variant)
+
+
 @app.command("serve")
 def serve(
     config: Annotated[Path | None, typer.Option(help="YAML config file (see README).")] = None,
@@ -179,7 +198,14 @@ def serve(
     ] = False,
     model: Annotated[
         list[str] | None,
-        typer.Option(help="NAME=EXPORT_DIR to serve (repeatable); replaces the file's list."),
+        typer.Option(
+            help="NAME=EXPORT_DIR[:VARIANT] to serve (repeatable; VARIANT fp32, fp16 or int8); replaces "
+            "the file's list."
+        ),
+    ] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option(help="Variant of every --model without its own (default: int8 on CPU, fp16 on GPU)."),
     ] = None,
     host: Annotated[str | None, typer.Option(help="gRPC address to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port (default 50051).")] = None,
@@ -204,7 +230,7 @@ def serve(
     import asyncio
     import logging
 
-    from gateway.config import ModelConfig, ServerConfig
+    from gateway.config import ServerConfig
     from gateway.server import serve as run_server
 
     # Our logs at the asked level; libraries (ONNX Runtime's quantizer talks at INFO) at warnings only.
@@ -212,10 +238,12 @@ def serve(
     logging.getLogger("gateway").setLevel(log_level.upper())
     models = None
     if model:
-        pairs = [entry.split("=", 1) for entry in model]
-        if any(len(pair) != 2 for pair in pairs):
-            raise _fail(ValueError("--model takes NAME=EXPORT_DIR"))
-        models = tuple(ModelConfig(name=name, path=Path(path)) for name, path in pairs)
+        try:
+            models = tuple(_served_model(entry, variant) for entry in model)
+        except ValueError as exc:
+            raise _fail(exc) from exc
+    elif variant:
+        raise _fail(ValueError("--variant applies to --model entries; give the variant in the config file"))
     if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
         raise _fail(ValueError("TLS needs --tls-cert and --tls-key together (--tls-client-ca adds to them)"))
     tls = None if tls_cert is None else {"cert": tls_cert, "key": tls_key, "client_ca": tls_client_ca}

@@ -141,6 +141,43 @@ async def test_full_queue_is_resource_exhausted(exported) -> None:  # type: igno
 
 
 @pytest.mark.slow
+def _wait_until_serving(server: subprocess.Popen[bytes], port: int, seconds: float) -> None:
+    """Poll health (once a second) until the server in `server` answers SERVING; fail if it exits."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert server.poll() is None, server.stdout.read().decode() if server.stdout else ""
+        with PolyglotClient(f"127.0.0.1:{port}", timeout=2) as client:
+            try:
+                if client.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(1)
+
+
+def test_serve_takes_each_models_variant(exported) -> None:  # type: ignore[no-untyped-def]
+    """`--model NAME=DIR:VARIANT`, and `--variant` for the entries without one."""
+    out, _ = exported("embedding")
+    port = free_port()
+    command = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--metrics-port", "0"]
+    command += ["--model", f"exact={out}:fp32", "--model", f"small={out}", "--variant", "fp16"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_serving(server, port, 120)
+        with PolyglotClient(f"127.0.0.1:{port}") as client:
+            variants = {m.name: m.variant for m in client.list_models().models}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert variants == {"exact": "fp32", "small": "fp16"}
+    refused = runner.invoke(app, ["serve", "--model", f"x={out}", "--variant", "fp8"])
+    assert refused.exit_code == 1
+    assert "variant 'fp8': choose fp32, fp16 or int8" in refused.output
+    missing = runner.invoke(app, ["serve", "--model", "x"])
+    assert "--model takes NAME=EXPORT_DIR[:VARIANT], not 'x'" in missing.output
+
+
 def test_readme_first_commands_on_a_fresh_cache(tmp_path: Path) -> None:
     """`pgw serve --demo` builds, exports and serves the demo models; `pgw translate` prints a result."""
     port = free_port()
@@ -156,17 +193,7 @@ def test_readme_first_commands_on_a_fresh_cache(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read().decode() if server.stdout else ""
-            with PolyglotClient(f"127.0.0.1:{port}", timeout=2) as client:
-                try:
-                    if client.health() == "SERVING":
-                        break
-                except grpc.RpcError:
-                    pass
-            assert time.monotonic() < deadline, "the demo server did not start"
-            time.sleep(1)
+        _wait_until_serving(server, port, 240)
         translate = [
             "translate",
             "Hello",
