@@ -7,13 +7,28 @@ fills batches. Names follow Prometheus conventions (`_seconds`, `_total`).
 
 from __future__ import annotations
 
+import json
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 
 from gateway.batcher import BatchStats
 from gateway.decoding.engine import StepStats
@@ -36,10 +51,16 @@ class Outcome:
     model: str = "-"
 
 
+Probe = Callable[[], tuple[bool, dict[str, Any]]]  # (passes, what to say about it)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series beside every counter and histogram
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=r)
         self.requests = Counter(
             "pgw_requests", "Requests by rpc, model and status code.", ["rpc", "model", "code"], registry=r
         )
@@ -224,21 +245,63 @@ class Metrics:
     ) -> None:
         self.model_info.labels(model, task, variant, backend, device, provider).set(1)
 
-    def serve_http(self, host: str, port: int, tls: TlsConfig | None = None) -> Callable[[], None]:
-        """Expose /metrics on host:port (HTTPS with `tls`, client certificates required when it names a
-        client CA); returns a function that stops the HTTP server."""
-        options: dict[str, Any] = {}
-        if tls is not None:
-            options = {"certfile": str(tls.cert), "keyfile": str(tls.key)}
-            if tls.client_ca is not None:
-                options |= {"client_cafile": str(tls.client_ca), "client_auth_required": True}
+    def serve_http(
+        self,
+        host: str,
+        port: int,
+        tls: TlsConfig | None = None,
+        probes: dict[str, Probe] | None = None,
+    ) -> Callable[[], None]:
+        """Serve /metrics on host:port, and each probe at its path (`/healthz`, `/readyz`): 200 with its
+        JSON when it passes, 503 when it does not; any other path is 404. HTTPS with `tls`, client
+        certificates required when it names a client CA. Returns a function that stops the server."""
+        app = _http_app(make_wsgi_app(self.registry), probes or {})
         try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry, **options)
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            kind = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+            server: WSGIServer = make_server(host, port, app, kind, handler_class=_QuietHandler)
         except OSError as exc:
             raise InvalidInput(f"metrics port {host}:{port}: cannot listen ({exc.strerror})") from exc
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+            if tls.client_ca is not None:
+                context.load_verify_locations(str(tls.client_ca))
+                context.verify_mode = ssl.CERT_REQUIRED
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
 
         def stop() -> None:
             server.shutdown()
+            server.server_close()
             thread.join(timeout=5)
 
         return stop
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes and probes are not worth a line
+        pass
+
+
+def _http_app(metrics: Callable[..., Any], probes: dict[str, Probe]) -> Callable[..., Any]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        probe = probes.get(path)
+        if probe is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: /metrics, " + ", ".join(sorted(probes)).encode() + b"\n"]
+        passes, body = probe()
+        start_response(
+            "200 OK" if passes else "503 Service Unavailable", [("Content-Type", "application/json")]
+        )
+        return [json.dumps(body).encode() + b"\n"]
+
+    return app

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_SECONDS = 0.25  # how often model health follows backend readiness
+# /healthz fails when the event loop has not run the health watch for this long (a stuck loop)
+LIVENESS_SECONDS = 10.0
 SERVICE = polyglot_pb2.DESCRIPTOR.services_by_name["Polyglot"].full_name
 
 # The demo models `pgw serve --demo` builds and serves: (served name, demo checkpoint, export task).
@@ -209,6 +211,8 @@ class GatewayServer:
         self._watch: asyncio.Task[None] | None = None
         self._stop_metrics: Callable[[], None] | None = None
         self._stopping = False
+        self._started = False
+        self._beat = time.monotonic()  # the health watch's last run, for /healthz
         self._drain_over = asyncio.Event()
         self._stopped = asyncio.Event()
 
@@ -239,7 +243,10 @@ class GatewayServer:
         self.port = self._bind()
         if self.config.metrics_port:
             self._stop_metrics = self.metrics.serve_http(
-                self.config.metrics_host, self.config.metrics_port, self.config.tls
+                self.config.metrics_host,
+                self.config.metrics_port,
+                self.config.tls,
+                {"/healthz": self._liveness, "/readyz": self._readiness},
             )
         for entry in self.registry.all():
             await entry.loaded.start()
@@ -250,6 +257,7 @@ class GatewayServer:
         await self.health.set(SERVICE, serving)
         await self._update_health()
         self._watch = asyncio.create_task(self._watch_health(), name="model-health")
+        self._started = True
         self._log_security()
         log.info("serving %s on %s:%d", SERVICE, self.config.host, self.port)
         return self.port
@@ -293,6 +301,19 @@ class GatewayServer:
         while True:
             await asyncio.sleep(HEALTH_POLL_SECONDS)
             await self._update_health()
+            self._beat = time.monotonic()
+
+    def _liveness(self) -> tuple[bool, dict[str, object]]:
+        """/healthz (from the metrics thread): the event loop still runs; a server shutting down is alive."""
+        since = time.monotonic() - self._beat
+        alive = self._stopping or not self._started or since < LIVENESS_SECONDS
+        return alive, {"alive": alive, "event_loop_seconds_since_check": round(since, 3)}
+
+    def _readiness(self) -> tuple[bool, dict[str, object]]:
+        """/readyz (from the metrics thread): started, not shutting down, and every model ready."""
+        models = dict(self._serving)
+        ready = self._started and not self._stopping and all(models.values())
+        return ready, {"ready": ready, "shutting_down": self._stopping, "models": models}
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         """Health NOT_SERVING; keep taking requests for `drain` seconds (so that load balancers notice; a
