@@ -34,12 +34,17 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Build and inspect model checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 
-def _fail(exc: Exception) -> typer.Exit:
+def _fail(exc: Exception, code: int = 1) -> typer.Exit:
+    """One line naming the problem; exit code 1, or 2 for a usage error (a bad flag or setting)."""
     console.print(f"[bold red]error:[/] {escape(str(exc))}")
-    return typer.Exit(code=1)
+    return typer.Exit(code=code)
+
+
+def _usage(message: str) -> typer.Exit:
+    return _fail(ValueError(message), code=2)
 
 
 def _progress() -> Progress:
@@ -67,11 +72,11 @@ def models_demo(
     from gateway.export.demo import BUILDERS, DEMO_NAMES
 
     if size not in ("tiny", "full"):
-        raise _fail(ValueError("--size must be tiny or full"))
+        raise _usage("--size must be tiny or full")
     names = only or list(DEMO_NAMES)
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
-        raise _fail(ValueError(f"unknown demo model {unknown}; choose from {', '.join(DEMO_NAMES)}"))
+        raise _usage(f"unknown demo model {unknown}; choose from {', '.join(DEMO_NAMES)}")
     with _progress() as progress:
         bar = progress.add_task("demo models", total=len(names))
         for name in names:
@@ -122,7 +127,7 @@ def export(
     from gateway.export.exporter import ExportOptions, export_model
 
     if task not in TASKS:
-        raise _fail(ValueError(f"--task must be one of {', '.join(TASKS)}, not {task!r}"))
+        raise _usage(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
     try:
         options = ExportOptions(
             task=task,
@@ -241,11 +246,11 @@ def serve(
         try:
             models = tuple(_served_model(entry, variant) for entry in model)
         except ValueError as exc:
-            raise _fail(exc) from exc
+            raise _fail(exc, code=2) from exc
     elif variant:
-        raise _fail(ValueError("--variant applies to --model entries; give the variant in the config file"))
+        raise _usage("--variant applies to --model entries; give the variant in the config file")
     if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
-        raise _fail(ValueError("TLS needs --tls-cert and --tls-key together (--tls-client-ca adds to them)"))
+        raise _usage("TLS needs --tls-cert and --tls-key together (--tls-client-ca adds to them)")
     tls = None if tls_cert is None else {"cert": tls_cert, "key": tls_key, "client_ca": tls_client_ca}
     try:
         settings = ServerConfig.load(
@@ -259,6 +264,9 @@ def serve(
             tls=tls,
             api_key_file=api_key_file,
         )
+    except GatewayError as exc:  # the file, the environment or a flag
+        raise _fail(exc, code=2) from exc
+    try:
         asyncio.run(run_server(settings))
     except GatewayError as exc:
         raise _fail(exc) from exc

@@ -65,6 +65,9 @@ def _call(conn: Connection, action: Callable[[PolyglotClient], T]) -> T:
     with client:
         try:
             return action(client)
+        except ValueError as exc:  # an option the client refuses before calling (`--format iob`)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(code=2) from exc
         except grpc.RpcError as exc:
             err.print(f"[bold red]error:[/] {exc.code().name}: {escape(exc.details() or '')}")
             raise typer.Exit(code=1) from exc

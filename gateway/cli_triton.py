@@ -11,7 +11,7 @@ from rich.console import Console
 
 from gateway.errors import GatewayError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 triton_app = typer.Typer(
     help="Triton Inference Server: model repositories and a local server.", no_args_is_help=True
 )

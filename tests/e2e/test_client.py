@@ -172,7 +172,7 @@ def test_serve_takes_each_models_variant(exported) -> None:  # type: ignore[no-u
         server.wait(timeout=30)
     assert variants == {"exact": "fp32", "small": "fp16"}
     refused = runner.invoke(app, ["serve", "--model", f"x={out}", "--variant", "fp8"])
-    assert refused.exit_code == 1
+    assert refused.exit_code == 2
     assert "variant 'fp8': choose fp32, fp16 or int8" in refused.output
     missing = runner.invoke(app, ["serve", "--model", "x"])
     assert "--model takes NAME=EXPORT_DIR[:VARIANT], not 'x'" in missing.output

@@ -356,5 +356,5 @@ def test_pgw_serve_and_the_client_commands_speak_mutual_tls(
 
 def test_pgw_serve_wants_both_halves_of_its_certificate(pki: Pki) -> None:
     result = CliRunner().invoke(app, ["serve", "--demo", "--tls-cert", str(pki.server_cert)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--tls-cert and --tls-key together" in result.output

@@ -40,7 +40,7 @@ def test_demo_then_export_translation(tmp_path: Path) -> None:
 
 def test_export_rejects_an_unknown_task(tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", str(tmp_path), str(tmp_path / "o"), "--task", "summarize"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--task must be one of" in result.output
 
 
@@ -60,3 +60,28 @@ def test_serving_modules_import_no_torch() -> None:
         "sys.exit(f'imported {bad}' if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "99999"], "port: Input should be less than or equal to 65535"),
+        (["serve", "--device", "gpu"], "device: Input should be 'cpu' or 'cuda'"),
+        (["classify", "x", "--format", "iob", "--server", "127.0.0.1:9"], "format must be one of"),
+        (["serve", "--model", "x"], "--model takes NAME=EXPORT_DIR[:VARIANT]"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [result.output.strip()], "more than one line"
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_config_typo_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("batching:\n  max_batch_sise: 3\n")
+    result = runner.invoke(app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "batching.max_batch_sise: Extra inputs are not permitted" in result.output
