@@ -179,6 +179,50 @@ def build_registry(config: ServerConfig, metrics: Metrics) -> Registry:
     return registry
 
 
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health has no types
+    """grpc's health service, with `List` (every service's status) as well as Check and Watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listed: dict[str, Any] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._final = False  # shutting down: every status is NOT_SERVING for good, as in Check
+
+    async def set(self, service: str, status: Any) -> None:
+        if not self._final:
+            self._listed[service] = status
+        await super().set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        if not self._final:
+            self._final = True
+            self._listed = dict.fromkeys(self._listed, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await super().enter_graceful_shutdown()
+
+    async def List(  # noqa: N802 - the rpc's name
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        listed = {
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._listed.items()
+        }
+        return health_pb2.HealthListResponse(statuses=listed)
+
+
+def _reflection_v1(names: tuple[str, ...]) -> grpc.GenericRpcHandler:
+    """Reflection v1 (what grpcurl and newer tools ask first) beside v1alpha: the two protocols have the
+    same messages under another package, so v1alpha's servicer answers both."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    servicer = reflection.aio.ReflectionServicer(names)
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(
+        "grpc.reflection.v1.ServerReflection", {"ServerReflectionInfo": method}
+    )
+
+
 class GatewayServer:
     """The running gateway: start, serve, stop gracefully."""
 
@@ -190,7 +234,7 @@ class GatewayServer:
         self.metrics = metrics or Metrics()
         self.registry = registry or build_registry(config, self.metrics)
         self.admission = Admission(config.limits.max_in_flight)
-        self.health = health.aio.HealthServicer()
+        self.health = _Health()
         interceptor = GatewayInterceptor(self.metrics, self.registry.label, self.keys, self.admission)
         self.server = aio.server(
             interceptors=[interceptor],
@@ -206,6 +250,7 @@ class GatewayServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
+        self.server.add_generic_rpc_handlers((_reflection_v1(names),))
         self.port = 0
         self._serving: dict[str, bool] = {}
         self._watch: asyncio.Task[None] | None = None

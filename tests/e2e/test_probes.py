@@ -1,5 +1,6 @@
 """The metrics port: /metrics, /healthz (the event loop runs) and /readyz (started, not shutting down,
-every model ready), each answering from the metrics thread whatever the event loop is doing."""
+every model ready), each answering from the metrics thread whatever the event loop is doing; and
+Health/List as the server shuts down."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import server as server_module
 from gateway.config import ModelConfig, ServerConfig
@@ -80,6 +83,14 @@ async def test_probes_follow_the_server(exported: Exported, monkeypatch: pytest.
         stopping = asyncio.create_task(gateway.stop(grace=5, drain=600))
         assert json.loads(await _until(port, "/readyz", 503))["shutting_down"] is True
         assert (await asyncio.to_thread(_get, port, "/healthz"))[0] == 200
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            listed = await health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest())
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert {name: s.status for name, s in listed.statuses.items()} == {
+            "": not_serving,
+            "polyglot.v1.Polyglot": not_serving,
+            "polyglot.v1.Polyglot/embed": not_serving,
+        }
     finally:
         await gateway.stop()  # ends the drain (or stops the server, if the test failed before it)
         if stopping is not None:

@@ -79,6 +79,23 @@ async def test_health_and_reflection(channel: grpc.aio.Channel) -> None:
     responses = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name async for r in responses for s in r.list_services_response.service}
     assert "polyglot.v1.Polyglot" in names
+    # Reflection v1, what grpcurl asks first: the same messages under grpc.reflection.v1.
+    v1 = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    asks = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="polyglot.v1.Polyglot"),
+    ]
+    listing, described = [r async for r in v1(iter(asks))]
+    assert "polyglot.v1.Polyglot" in {s.name for s in listing.list_services_response.service}
+    assert described.file_descriptor_response.file_descriptor_proto
+    # Health/List: every service's status
+    listed = await health.List(health_pb2.HealthListRequest())
+    assert listed.statuses["polyglot.v1.Polyglot/nllb-demo"].status == health_pb2.HealthCheckResponse.SERVING
+    assert listed.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
 
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
