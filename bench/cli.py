@@ -83,7 +83,9 @@ def bench(
         raise typer.Exit(1)
     if quick:
         size, seconds, repeats, concurrency = "tiny", 0.6, 2, "1,4"
-    work = work or Path(f"~/.cache/polyglot-gateway/bench-{size}").expanduser()
+    from gateway.config import cache_dir
+
+    work = work or cache_dir() / f"bench-{size}"
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     suffix = f"{'-cuda' if device == 'cuda' else ''}{'-quick' if quick else ''}"
     out = out or Path("bench/results") / f"{stamp}-{platform.node()}{suffix}"

@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.gateway import free_port
 from bench.load import LoadResult, closed_loop, open_loop
+from gateway.config import cache_dir
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
 from gateway.samples import sample_sentences
@@ -239,7 +240,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("bench/results") / f"{time.strftime('%Y-%m-%d')}-overload"
     )
-    parser.add_argument("--demo-dir", type=Path, default=Path("~/.cache/polyglot-gateway/demo").expanduser())
+    parser.add_argument("--demo-dir", type=Path, default=cache_dir() / "demo")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--factor", type=float, default=10)
     default_cpus = "0" if len(os.sched_getaffinity(0)) > 1 else ""

@@ -86,15 +86,23 @@ def repo(
         raise _fail(exc) from exc
 
 
+def _state_dir(given: Path | None) -> Path:
+    """The --state-dir, else $XDG_CACHE_HOME/polyglot-gateway/triton (~/.cache/... without it)."""
+    from gateway.config import cache_dir
+
+    return given.expanduser() if given is not None else cache_dir() / "triton"
+
+
 @triton_app.command("up")
 def up(
     repository: Annotated[Path, typer.Option(help="Model repository to serve.")] = Path("model_repo"),
     grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="Triton's HTTP port (health).")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus port.")] = 8002,
-    state_dir: Annotated[Path, typer.Option(help="Backends, log and pid of the server.")] = Path(
-        "~/.cache/polyglot-gateway/triton"
-    ),
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Backends, log and pid of the server (default: the cache's triton/)."),
+    ] = None,
     tritonserver: Annotated[
         Path | None, typer.Option(help="tritonserver binary (default: nvidia-pytriton's, else PATH).")
     ] = None,
@@ -103,7 +111,7 @@ def up(
     """Start tritonserver in the background on a model repository and wait until it is ready."""
     from gateway.triton.server import Ports, TritonServer, locate, read_state
 
-    state_dir = state_dir.expanduser()
+    state_dir = _state_dir(state_dir)
     try:
         if read_state(state_dir) is not None:
             raise GatewayError(
@@ -128,14 +136,12 @@ def up(
 
 @triton_app.command("down")
 def down(
-    state_dir: Annotated[Path, typer.Option(help="As given to `pgw triton up`.")] = Path(
-        "~/.cache/polyglot-gateway/triton"
-    ),
+    state_dir: Annotated[Path | None, typer.Option(help="As given to `pgw triton up`.")] = None,
 ) -> None:
     """Stop the tritonserver `pgw triton up` started (SIGTERM, then SIGKILL after 20 s)."""
     from gateway.triton.server import stop_recorded
 
-    pid = stop_recorded(state_dir.expanduser())
+    pid = stop_recorded(_state_dir(state_dir))
     console.print("no tritonserver recorded" if pid is None else f"tritonserver (pid {pid}) stopped")
 
 

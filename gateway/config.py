@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -92,6 +93,12 @@ class TlsConfig(_Frozen):
         return None if value is None else value.expanduser()
 
 
+def cache_dir() -> Path:
+    """Where built demo models, bench builds and tritonserver state go: $XDG_CACHE_HOME/polyglot-gateway,
+    ~/.cache/polyglot-gateway without it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "polyglot-gateway"
+
+
 class TritonConfig(_Frozen):
     """The Triton servers that models with `backend: triton` run on."""
 
@@ -132,7 +139,7 @@ class ServerConfig(BaseSettings):
     tensorrt: bool = False  # on cuda, try the TensorRT provider before CUDA
     models: tuple[ModelConfig, ...] = ()
     demo: bool = False  # build, export and serve the demo models
-    demo_dir: Path = Path("~/.cache/polyglot-gateway/demo")
+    demo_dir: Path = Field(default_factory=lambda: cache_dir() / "demo")
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     triton: TritonConfig = TritonConfig()

@@ -32,7 +32,6 @@ from gateway.errors import GatewayError, InvalidInput
 
 STATE_FILE = "tritonserver.json"
 LOG_FILE = "tritonserver.log"
-DEFAULT_STATE_DIR = Path("~/.cache/polyglot-gateway/triton")
 SYSTEM_BACKENDS = Path("/opt/tritonserver/backends")
 
 

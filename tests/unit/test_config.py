@@ -41,3 +41,11 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(InvalidInput, match="mapping"):
         ServerConfig.load(bad)
+
+
+def test_the_cache_follows_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ServerConfig.load().demo_dir == tmp_path / "xdg" / "polyglot-gateway" / "demo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ServerConfig.load().demo_dir == tmp_path / "home" / ".cache" / "polyglot-gateway" / "demo"
