@@ -32,6 +32,25 @@ if TYPE_CHECKING:
 app = typer.Typer(
     name="pgw", help="Polyglot Gateway: multilingual NLP models over gRPC.", no_args_is_help=True
 )
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        from gateway import __version__
+
+        typer.echo(f"pgw {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Polyglot Gateway: multilingual NLP models over gRPC."""
+
+
 models_app = typer.Typer(help="Build and inspect model checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,11 @@ from gateway.client import PolyglotClient, Tls, vectors
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
-Server = Annotated[str, typer.Option(help="host:port of the gateway (env PGW_SERVER).")]
-ApiKey = Annotated[str | None, typer.Option(help="API key, when the server asks for one (env PGW_API_KEY).")]
+# The flag wins over the environment variable, which wins over the default; --help shows both.
+Server = Annotated[str, typer.Option(envvar="PGW_SERVER", help="host:port of the gateway.")]
+ApiKey = Annotated[
+    str | None, typer.Option(envvar="PGW_API_KEY", help="API key, when the server asks for one.")
+]
 TlsCa = Annotated[
     Path | None,
     typer.Option(
@@ -52,11 +54,11 @@ class Connection:
 
 def _call(conn: Connection, action: Callable[[PolyglotClient], T]) -> T:
     """Run one call; a gRPC error prints its status and details and exits 1."""
-    target = os.environ.get("PGW_SERVER", conn.server) if conn.server == DEFAULT_SERVER else conn.server
+    target = conn.server
     tls = None
     if conn.tls_ca or conn.tls_cert or conn.tls_key:
         tls = Tls(conn.tls_ca, conn.tls_cert, conn.tls_key)
-    key = conn.api_key or os.environ.get("PGW_API_KEY")
+    key = conn.api_key
     try:
         client = PolyglotClient(target, key, tls=tls)
     except (OSError, ValueError) as exc:

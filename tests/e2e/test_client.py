@@ -97,6 +97,12 @@ async def test_cli_commands(gateway: GatewayServer) -> None:
     numbered = [re.match(r" *\d+  (.*)$", line) for line in lines]
     assert all(numbered), f"a sentence was wrapped: {lines}"
     assert "".join(m.group(1) for m in numbered if m).replace(" ", "") == text.replace(" ", "")
+    # --server wins over PGW_SERVER, which wins over the default
+    elsewhere = {"PGW_SERVER": "127.0.0.1:9"}  # nothing listens there
+    flag = await asyncio.to_thread(runner.invoke, app, ["embed", "x", "--server", server], env=elsewhere)
+    assert flag.exit_code == 0, flag.output
+    env = await asyncio.to_thread(runner.invoke, app, ["embed", "x"], env={"PGW_SERVER": server})
+    assert env.exit_code == 0, env.output
     failed = await asyncio.to_thread(
         runner.invoke, app, ["translate", "Hi", "--to", "zz", "--server", server]
     )

@@ -85,3 +85,11 @@ def test_a_config_typo_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--config", str(config)])
     assert result.exit_code == 2, result.output
     assert "batching.max_batch_sise: Extra inputs are not permitted" in result.output
+
+
+def test_version() -> None:
+    from gateway import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"pgw {__version__}\n"
