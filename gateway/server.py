@@ -302,6 +302,7 @@ class GatewayServer:
         await self.health.set(SERVICE, serving)
         await self._update_health()
         self._watch = asyncio.create_task(self._watch_health(), name="model-health")
+        self._beat = time.monotonic()  # loading the models took what it took: the watch starts now
         self._started = True
         self._log_security()
         log.info("serving %s on %s:%d", SERVICE, self.config.host, self.port)
