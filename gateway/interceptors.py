@@ -161,19 +161,14 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         with self.admission.admit(), self.metrics.in_flight():
             yield request_id
 
-    async def _fail(
-        self, exc: BaseException, rpc: str, request_id: str, context: aio.ServicerContext, outcome: Outcome
-    ) -> NoReturn:
-        """Turn an error into the call's status, recorded in `outcome`."""
+    def _status(self, exc: BaseException, rpc: str, request_id: str) -> tuple[grpc.StatusCode, str]:
+        """The call's status and message for an error."""
         if isinstance(exc, _Abort):
-            outcome.code = exc.code.name
-            await context.abort(exc.code, exc.details)
+            return exc.code, exc.details
         code = status_of(exc)
-        outcome.code = code.name
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed (request id %s)", rpc, request_id, exc_info=exc)
-        await context.abort(code, client_message(exc, request_id))
-        raise RuntimeError("context.abort returned")  # it raises AbortError
+        return code, client_message(exc, request_id)
 
     # ---------------------------------------------------------------------------------------- handlers
 
@@ -244,10 +239,7 @@ class _Guard:
                 self.interceptor._admitted(self.rpc, self.context, self.outcome)
             )
         except Exception as exc:
-            try:
-                await self.interceptor._fail(exc, self.rpc, self.request_id, self.context, self.outcome)
-            finally:
-                self._stack.close()
+            await self._fail(exc)
         return self
 
     async def __aexit__(
@@ -261,9 +253,20 @@ class _Guard:
                 expired = remaining is not None and remaining <= 0
                 self.outcome.code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             elif isinstance(exc, Exception):
-                await self.interceptor._fail(exc, self.rpc, self.request_id, self.context, self.outcome)
+                await self._fail(exc)
         finally:
             self._stack.close()
+
+    async def _fail(self, exc: BaseException) -> NoReturn:
+        """Record the error's status (metrics, admission released), then send it: a client that has its
+        status finds the call already counted."""
+        try:
+            code, details = self.interceptor._status(exc, self.rpc, self.request_id)
+            self.outcome.code = code.name
+        finally:
+            self._stack.close()
+        await self.context.abort(code, details)
+        raise RuntimeError("context.abort returned")  # it raises AbortError
 
 
 @asynccontextmanager
