@@ -54,13 +54,11 @@ class Connection:
 
 def _call(conn: Connection, action: Callable[[PolyglotClient], T]) -> T:
     """Run one call; a gRPC error prints its status and details and exits 1."""
-    target = conn.server
     tls = None
     if conn.tls_ca or conn.tls_cert or conn.tls_key:
         tls = Tls(conn.tls_ca, conn.tls_cert, conn.tls_key)
-    key = conn.api_key
     try:
-        client = PolyglotClient(target, key, tls=tls)
+        client = PolyglotClient(conn.server, conn.api_key, tls=tls)
     except (OSError, ValueError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
