@@ -104,6 +104,8 @@ def segment_request(
     max_length: int = 0,
     stride: int = 0,
     return_probabilities: bool = False,
+    wtpsplit_compat: bool = False,
+    strip_whitespace: bool = False,
 ) -> pb.SegmentRequest:
     request = pb.SegmentRequest(
         texts=_texts(texts),
@@ -111,6 +113,8 @@ def segment_request(
         max_length=max_length,
         stride=stride,
         return_probabilities=return_probabilities,
+        wtpsplit_compat=wtpsplit_compat,
+        strip_whitespace=strip_whitespace,
     )
     if threshold is not None:
         request.threshold = threshold

@@ -231,6 +231,8 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                 max_length=request.max_length,
                 stride=request.stride,
                 return_probabilities=request.return_probabilities,
+                wtpsplit_compat=request.wtpsplit_compat,
+                strip_whitespace=request.strip_whitespace,
                 deadline=deadline_of(context),
             )
         )

@@ -41,8 +41,17 @@ from gateway.manifest import (
 
 OnStep = Callable[[str], None]
 _CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-# SaT thresholds as wtpsplit recommends them: `-sm` models are trained to be calibrated around 0.25.
-SAT_THRESHOLD_SM, SAT_THRESHOLD = 0.25, 0.025
+# SaT thresholds as wtpsplit chooses them: `-sm` models are trained to be calibrated around 0.25.
+SAT_THRESHOLD_SM, SAT_THRESHOLD, SAT_THRESHOLD_NO_LOOKAHEAD = 0.25, 0.025, 0.01
+
+
+def sat_threshold(name: str) -> float:
+    """A SaT model's default threshold by wtpsplit's rule, on its name (a hub id's or a directory's last
+    part): "sm" anywhere in it 0.25, else "no-limited-lookahead" 0.01, else 0.025."""
+    last = Path(name.rstrip("/\\")).name
+    if "sm" in last:
+        return SAT_THRESHOLD_SM
+    return SAT_THRESHOLD_NO_LOOKAHEAD if "no-limited-lookahead" in last else SAT_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -220,8 +229,7 @@ class _Exporter:
     # ---------------------------------------------------------------------------------------- metadata
 
     def _sat_threshold(self) -> float:
-        name = (self.demo.mirrors if self.demo else self.checkpoint.name).rstrip("/")
-        return SAT_THRESHOLD_SM if name.endswith("-sm") else SAT_THRESHOLD
+        return sat_threshold(self.demo.mirrors if self.demo else self.checkpoint.name)
 
     def _languages(self) -> list[str]:
         vocab = self.tokenizer.get_vocab()

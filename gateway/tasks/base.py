@@ -29,7 +29,8 @@ class TextLimits:
     max_reply_chars: int = 4_000_000  # FillMask: text repeated in `sequence`s, summed over predictions
 
     def check(self, texts: Sequence[str]) -> None:
-        """1..max_texts non-empty texts within the character limits, or InvalidInput naming the text."""
+        """1..max_texts texts within the character limits, or InvalidInput naming the text. Empty and
+        whitespace-only texts are texts: each task answers them (see the proto)."""
         if not texts:
             raise InvalidInput("texts: at least one text is required")
         if len(texts) > self.max_texts:
@@ -40,8 +41,6 @@ class TextLimits:
                 raise InvalidInput(
                     f"texts[{index}]: {len(text)} characters exceed the limit of {self.max_chars}"
                 )
-            if not text or text.isspace():
-                raise InvalidInput(f"texts[{index}]: empty text")
             total += len(text)
         if total > self.max_request_chars:
             raise InvalidInput(

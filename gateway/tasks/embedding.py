@@ -234,12 +234,35 @@ class FillMaskModel(BatchedTask[_MaskItem, tuple[np.ndarray, np.ndarray]]):
         for column, position in enumerate(item.positions):
             start, end = item.encoded.offsets[position]
             predictions = []
-            for score, token_id in zip(probs[column, :top_k], ids[column, :top_k], strict=True):
-                token = self.model.tokenizer.decode([int(token_id)], skip_special_tokens=False).strip()
-                sequence = text[:start] + token + text[end:]
-                predictions.append(TokenPrediction(token, int(token_id), float(score), sequence))
+            scores, token_ids = probs[column, :top_k].tolist(), ids[column, :top_k].tolist()
+            for score, token_id in zip(scores, token_ids, strict=True):
+                token = self.model.tokenizer.decode([token_id], skip_special_tokens=False).strip()
+                sequence = self._filled(text, item.encoded, position, token_id, token)
+                predictions.append(TokenPrediction(token, token_id, score, sequence))
             masks.append(MaskPredictions(start, end, predictions))
         return masks
+
+    def _filled(self, text: str, encoded: Encoded, position: int, token_id: int, token: str) -> str:
+        """The text with the mask at `position` replaced by the prediction, joined to the token before it as
+        the tokenizer's decoder joins them: a word piece that continues a word ("##ino" after "at") closes
+        up to it ("atino"), a word of its own takes the mask's place (with the decoder's space when the mask
+        touches the word before). The rest of the text is kept as sent."""
+        start, end = encoded.offsets[position]
+        mask = text[start:end]
+        start += len(mask) - len(mask.lstrip())  # a mask token may own the whitespace around it
+        end -= len(mask) - len(mask.rstrip())
+        before = position - 1
+        if before >= 0 and not encoded.special[before]:
+            previous = encoded.ids[before]
+            alone = self.model.tokenizer.decode([previous], skip_special_tokens=False)
+            joined = self.model.tokenizer.decode([previous, token_id], skip_special_tokens=False)
+            added = joined[len(alone) :] if joined.startswith(alone) else ""
+            after = encoded.offsets[before][1]  # where the token before ends
+            if added and not added[0].isspace():  # a piece of the word before
+                return text[:after] + added + text[end:]
+            if added and after == start:  # a word, and the text has no space before the mask: the decoder's
+                return text[:start] + added + text[end:]
+        return text[:start] + token + text[end:]
 
     async def _run(self, items: list[_MaskItem]) -> list[tuple[np.ndarray, np.ndarray]]:
         pad_id = self.model.manifest.special_tokens.pad_id

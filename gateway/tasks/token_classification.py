@@ -8,8 +8,11 @@ Segment follows wtpsplit's SaT algorithm: XLM-R tokens without special tokens, w
 each wrapped in `<s>`/`</s>`, a stride between window starts, overlapping logits averaged, sigmoid, each
 token's probability placed on its last character, a split after every character whose probability exceeds
 the threshold; a sentence keeps the whitespace that follows it, so the sentences concatenate to the text.
-Two deliberate differences: windows are never shortened to the batch's longest text (wtpsplit's block size
-depends on what else is in the batch; ours does not), and every newline in the input also ends a sentence.
+Every newline in the input also ends a sentence, and keeps to it, so the sentences still concatenate to the
+text. `wtpsplit_compat` answers `SaT.split`'s segments instead (its defaults: each newline is dropped and
+splits where it stands, which can leave empty segments); `strip_whitespace` strips every sentence, as
+`SaT.split(strip_whitespace=True)`. Empty and whitespace-only texts are not run, as wtpsplit does not run
+them: "" has no sentences, "  " is one sentence, or none when stripped.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class SegmentInput:
     max_length: int = 0  # characters per sentence; 0: no limit
     stride: int = 0  # tokens between window starts; 0: DEFAULT_STRIDE
     return_probabilities: bool = False
+    wtpsplit_compat: bool = False  # SaT.split's segments: newlines dropped, possibly empty segments
+    strip_whitespace: bool = False  # strip every sentence (and drop what is left empty, except in compat)
     deadline: float | None = None
 
 
@@ -140,11 +145,13 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
-def split_points(text: str, char_probs: np.ndarray, threshold: float) -> list[int]:
-    """Sentence ends (exclusive) after each character above the threshold and at each newline, each moved
-    past the whitespace that follows. Linear in the text: every cut finds its end by one binary search."""
+def split_points(text: str, char_probs: np.ndarray, threshold: float, newlines: bool = True) -> list[int]:
+    """Sentence ends (exclusive) after each character above the threshold and (with `newlines`) at each
+    newline, each moved past the whitespace that follows; the last is the text's end. Linear in the text:
+    every cut finds its end by one binary search."""
     points = code_points(text)
-    cuts = np.flatnonzero((char_probs > threshold) | (points == ord("\n")))
+    above = char_probs > threshold
+    cuts = np.flatnonzero(above | (points == ord("\n")) if newlines else above)
     solid = np.flatnonzero(~np.isin(points, _whitespace()))  # positions of non-space characters
     after = np.searchsorted(solid, cuts + 1)  # the first non-space character after each cut
     padded = np.append(solid, len(text))  # no such character: the end of the text
@@ -153,6 +160,43 @@ def split_points(text: str, char_probs: np.ndarray, threshold: float) -> list[in
     if not found or found[-1] != len(text):
         found.append(len(text))
     return found
+
+
+def ranges(ends: list[int]) -> list[tuple[int, int]]:
+    """The non-empty (start, end) ranges between consecutive ends, the first starting at 0."""
+    return [(a, b) for a, b in zip([0, *ends[:-1]], ends, strict=True) if b > a]
+
+
+def stripped(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each range without the whitespace (`str.isspace`) at its ends; the emptied ones dropped."""
+    result = []
+    for a, b in spans:
+        piece = text[a:b]
+        start = a + len(piece) - len(piece.lstrip())
+        end = b - (len(piece) - len(piece.rstrip()))
+        if end > start:
+            result.append((start, end))
+    return result
+
+
+def wtpsplit_spans(text: str, char_probs: np.ndarray, threshold: float, strip: bool) -> list[tuple[int, int]]:
+    """`SaT.split`'s segments, as ranges of the text: a split after each character above the threshold,
+    moved past the whitespace that follows (`strip`: each piece stripped, the empty ones dropped); then each
+    piece but the last loses one trailing newline, and every newline left splits its piece where it stands
+    and is dropped (so "a\n\nb" gives "a", "", "b")."""
+    pieces = ranges(split_points(text, char_probs, threshold, newlines=False))
+    if strip:
+        pieces = stripped(text, pieces)
+    segments = []
+    for number, (a, b) in enumerate(pieces):
+        if number < len(pieces) - 1 and text[b - 1] == "\n":
+            b -= 1
+        start = a
+        while (newline := text.find("\n", start, b)) >= 0:
+            segments.append((start, newline))
+            start = newline + 1
+        segments.append((start, b))
+    return segments
 
 
 def limit_length(ends: list[int], char_probs: np.ndarray, max_length: int) -> list[int]:
@@ -310,6 +354,11 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
         threshold = self._threshold(request.threshold)
         if request.max_length < 0:
             raise InvalidInput(f"max_length: {request.max_length} must be >= 0")
+        if request.max_length and request.wtpsplit_compat:
+            raise InvalidInput(
+                "max_length: wtpsplit_compat answers SaT.split's segments, which have no length limit here; "
+                "leave max_length at 0 or turn wtpsplit_compat off"
+            )
         stride = request.stride or DEFAULT_STRIDE
         if not MIN_STRIDE <= stride <= WINDOW:
             raise InvalidInput(f"stride: {stride} must be between {MIN_STRIDE} and {WINDOW} tokens")
@@ -319,7 +368,10 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
         self, request: SegmentInput, stride: int
     ) -> tuple[list[Encoded], list[list[tuple[int, int]]]]:
         encoded = self.model.tokenizer.encode_batch(request.texts, add_special_tokens=False, truncate=False)
-        return encoded, [windows(len(e), stride) for e in encoded]
+        return encoded, [
+            windows(len(e), stride) if text and not text.isspace() else []  # nothing to split: not run
+            for text, e in zip(request.texts, encoded, strict=True)
+        ]
 
     def _sentences(
         self,
@@ -334,9 +386,14 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
             window_logits = [t.value[1:-1, 0] for t in timed[cursor : cursor + len(plan)]]
             cursor += len(plan)
             char_probs = self._char_probabilities(text, e, plan, window_logits)
-            ends = limit_length(split_points(text, char_probs, threshold), char_probs, request.max_length)
-            starts = [0, *ends[:-1]]
-            sentences = [Sentence(text[a:b], a, b) for a, b in zip(starts, ends, strict=True) if b > a]
+            if request.wtpsplit_compat:
+                spans = wtpsplit_spans(text, char_probs, threshold, request.strip_whitespace)
+            else:
+                ends = limit_length(split_points(text, char_probs, threshold), char_probs, request.max_length)
+                spans = ranges(ends)
+                if request.strip_whitespace:
+                    spans = stripped(text, spans)
+            sentences = [Sentence(text[a:b], a, b) for a, b in spans]
             probabilities = char_probs.tolist() if request.return_probabilities else None
             results.append(SegmentedText(sentences, probabilities))
         return results
@@ -345,7 +402,10 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
     def _char_probabilities(
         text: str, encoded: Encoded, plan: list[tuple[int, int]], window_logits: list[np.ndarray]
     ) -> np.ndarray:
-        """Average the windows' logits per token, sigmoid, and place each on the token's last character."""
+        """Average the windows' logits per token, sigmoid, and place each on the token's last character;
+        0 on every other character (and on every character of a text that was not run)."""
+        if not plan:
+            return np.zeros(len(text), dtype=np.float32)
         total = np.zeros(len(encoded), dtype=np.float32)
         counts = np.zeros(len(encoded), dtype=np.float32)
         for (a, b), logits in zip(plan, window_logits, strict=True):
@@ -365,8 +425,10 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
 
 def _sentence_spans(names: list[str]) -> list[tuple[str, int, int]]:
     """SaT: every token belongs to a sentence, and a sentence ends at a positive token."""
+    if not names:
+        return []
     ends = [index for index, name in enumerate(names) if name != "O"]
-    if names and (not ends or ends[-1] != len(names) - 1):
+    if not ends or ends[-1] != len(names) - 1:
         ends.append(len(names) - 1)
     return [(SENTENCE, start, end) for start, end in zip([0, *(e + 1 for e in ends[:-1])], ends, strict=True)]
 

@@ -167,21 +167,30 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         """Translate a request's texts; `sink` (in-process engine only) gets each token as it is chosen."""
         source, target, limit = self.validate(request)
         size = sum(map(len, request.texts))
-        texts, rows = len(request.texts), request.options.rows
-        if self.engine is None:  # Triton: through the batcher
+        # An empty or whitespace-only text translates to "" without decoding: the rest decode as usual.
+        present = [index for index, text in enumerate(request.texts) if text and not text.isspace()]
+        texts, rows = len(present), request.options.rows
+        decoded: list[Decoded] = []
+        items: list[GenerationItem] = []
+        truncated: list[bool] = []
+        timing = Timing(0.0, 0.0)
+        if present and self.engine is None:  # Triton: through the batcher
             with self.serving(texts, request.deadline, rows=texts * rows) as held:
-                items, truncated = await off_loop(size, self._items, request, source, target, limit)
+                items, truncated = await off_loop(size, self._items, request, present, source, target, limit)
                 timed = await self.batcher.submit_all(
                     [(item, len(item.source)) for item in items], request.deadline, rows, held
                 )
             decoded, timing = [t.value for t in timed], Timing.of(timed)
-        else:
+        elif present:
+            if sink is not None:  # the engine numbers the texts it was given; the sink, the request's
+                given, sink = sink, lambda text, row, token: given(present[text], row, token)
             with self.admitted(texts * rows, request.deadline):
-                items, truncated = await off_loop(size, self._items, request, source, target, limit)
+                items, truncated = await off_loop(size, self._items, request, present, source, target, limit)
                 result = await self._decode(items, request.deadline, sink)
             decoded = result.decoded
             timing = Timing(1000 * result.queue_seconds, 1000 * result.run_seconds)
-        translations, output_tokens = await off_loop(size, self._translations, request, decoded, truncated)
+        decodings = dict(zip(present, zip(decoded, truncated, strict=True), strict=True))
+        translations, output_tokens = await off_loop(size, self._translations, request, decodings)
         return TranslateOutput(
             translations=translations,
             source_lang=source,
@@ -225,27 +234,35 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
             translating.cancel()
 
     def _items(
-        self, request: TranslateInput, source: str, target: str, limit: int
+        self, request: TranslateInput, present: list[int], source: str, target: str, limit: int
     ) -> tuple[list[GenerationItem], list[bool]]:
+        """The texts at `present` as the model's inputs, `<src_lang> tokens </s>`, each seeded by its place
+        in the request; and whether each was cut to the model's limit."""
         tokenizer = self.model.tokenizer
         source_id, target_id = self.info.language_token_ids[source], self.info.language_token_ids[target]
         room = tokenizer.max_length - 2
-        items, truncated = [], []
-        for index, encoded in enumerate(
-            tokenizer.encode_batch(request.texts, add_special_tokens=False, truncate=False)
-        ):
-            ids = [source_id, *encoded.ids[:room], self.eos]
-            truncated.append(len(encoded.ids) > room)
-            prefix = (self.info.decoder_start_token_id, target_id)
-            items.append(GenerationItem(ids, prefix, limit, request.options, index))
-        return items, truncated
+        prefix = (self.info.decoder_start_token_id, target_id)
+        encoded = tokenizer.encode_batch(
+            [request.texts[index] for index in present], add_special_tokens=False, truncate=False
+        )
+        items = [
+            GenerationItem([source_id, *e.ids[:room], self.eos], prefix, limit, request.options, index)
+            for index, e in zip(present, encoded, strict=True)
+        ]
+        return items, [len(e.ids) > room for e in encoded]
 
     def _translations(
-        self, request: TranslateInput, results: list[Decoded], truncated: list[bool]
+        self, request: TranslateInput, decodings: dict[int, tuple[Decoded, bool]]
     ) -> tuple[list[Translation], int]:
+        """One translation per text: the decoded ones, and "" for the texts that were not decoded."""
         translations = []
         output_tokens = 0
-        for decoded, was_cut in zip(results, truncated, strict=True):
+        empty = [Hypothesis("", 0.0, [], []) for _ in range(request.options.num_return)]
+        for index in range(len(request.texts)):
+            if index not in decodings:
+                translations.append(Translation(empty, False))
+                continue
+            decoded, was_cut = decodings[index]
             texts = self.model.tokenizer.decode_batch(decoded.tokens)
             output_tokens += len(decoded.tokens[0])
             hypotheses = [

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import ExportError, InvalidInput
 from gateway.export.accuracy import Bounds
-from gateway.export.exporter import ExportOptions, export_model
+from gateway.export.exporter import ExportOptions, export_model, sat_threshold
 from gateway.manifest import Manifest, Task
 
 Exported = Callable[[Task], tuple[Path, Manifest]]
@@ -67,6 +67,21 @@ def test_token_classification_manifest_knows_sat(exported: Exported) -> None:
     assert info.sat
     assert info.default_threshold == 0.25  # the demo mirrors an `-sm` model
     assert info.labels == ["LABEL_0"]
+
+
+@pytest.mark.parametrize(
+    ("name", "threshold"),
+    [
+        ("segment-any-text/sat-12l-sm", 0.25),
+        ("/models/sat-3l-sm/", 0.25),
+        ("sat-1l-sm-ft", 0.25),  # "sm" anywhere in the name, as wtpsplit
+        ("segment-any-text/sat-12l", 0.025),
+        ("/home/sm/checkpoints/sat-3l", 0.025),  # the name only, not the folders above it
+        ("segment-any-text/sat-12l-no-limited-lookahead", 0.01),
+    ],
+)
+def test_sat_thresholds_follow_wtpsplit(name: str, threshold: float) -> None:
+    assert sat_threshold(name) == threshold
 
 
 def test_bounds_are_enforced_with_a_message(demo_dir: Path, tmp_path: Path) -> None:

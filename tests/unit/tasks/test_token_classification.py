@@ -115,6 +115,55 @@ async def test_segment_matches_the_reference(
     assert result.usage.input_tokens > 512  # several windows
 
 
+def _clear_threshold(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
+    """A threshold around the 80th percentile of the probabilities, in the widest gap between them there.
+    wtpsplit sums window logits in float16, so its probabilities differ from ours in the 5th digit; a gap
+    in both sets wider than that difference has each character's two probabilities on the same side."""
+    mine, reference = np.concatenate(ours), np.concatenate(theirs)
+    error = float(np.abs(mine - reference).max())
+    values = np.unique(np.concatenate([mine, reference]))
+    values = values[(values > np.quantile(values, 0.7)) & (values < np.quantile(values, 0.9))]
+    gap = int(np.argmax(np.diff(values)))
+    assert values[gap + 1] - values[gap] > 2 * error, "no clear threshold: pick other texts"
+    return float(values[gap] + values[gap + 1]) / 2
+
+
+async def test_wtpsplit_compat_answers_sat_split(sat: TokenClassificationModel, demo_dir: Path) -> None:
+    """The segments of wtpsplit's own `SaT.split` on the same checkpoint, newlines and whitespace
+    included: dropped newlines, empty segments, whitespace-only and empty texts, stripping."""
+    from wtpsplit import SaT
+
+    directory = str(demo_dir / "sat-demo")
+    reference = SaT(directory, tokenizer_name_or_path=directory, hub_prefix=None)
+    texts = [
+        _paragraph("eng_Latn", 4) + "\n\n" + _paragraph("ukr_Cyrl", 3) + "\nOne line\n  \n",
+        "First line\nSecond line\n\n\nAfter three newlines \n",
+        _paragraph("jpn_Jpan", 1) + "\n",
+        "\n\n",
+        "   ",
+        " \n x \n",
+        "",
+    ]
+    ours = await sat.segment(SegmentInput(texts, threshold=0.5, return_probabilities=True))
+    threshold = _clear_threshold(
+        [np.asarray(r.probabilities) for r in ours.results],
+        [
+            np.asarray(p).reshape(-1)[: len(t)] if t.strip() else np.zeros(len(t))  # blank: one -inf logit
+            for t, p in zip(texts, reference.predict_proba(texts, stride=64), strict=True)  # split's stride
+        ],
+    )
+    for strip in (False, True):
+        expected = list(reference.split(texts, threshold=threshold, strip_whitespace=strip))
+        result = await sat.segment(
+            SegmentInput(texts, threshold=threshold, wtpsplit_compat=True, strip_whitespace=strip)
+        )
+        for text, want, got in zip(texts, expected, result.results, strict=True):
+            assert [s.text for s in got.sentences] == want, repr(text[:40])
+            assert all(text[s.start : s.end] == s.text for s in got.sentences)
+        assert len(expected[0]) > 10
+    assert "" in list(reference.split(texts[:2], threshold=threshold))[1]  # empty segments were compared
+
+
 async def test_segment_max_length(sat: TokenClassificationModel) -> None:
     text = _paragraph("fra_Latn", 5)
     result = await sat.segment(SegmentInput([text], threshold=0.999, max_length=40))
@@ -138,6 +187,7 @@ async def test_segment_batches_windows_of_many_texts(sat: TokenClassificationMod
         (SegmentInput(["x"], stride=600), "stride: 600"),
         (SegmentInput(["x"], stride=1), "stride: 1 must be between 32 and 510"),
         (SegmentInput([]), "at least one text"),
+        (SegmentInput(["x"], max_length=40, wtpsplit_compat=True), "max_length: wtpsplit_compat"),
     ],
 )
 async def test_segment_errors(sat: TokenClassificationModel, request_: SegmentInput, message: str) -> None:

@@ -9,6 +9,11 @@ Conventions:
 - Character offsets are code-point indices into the input string (Python `str` indexing), never byte
   offsets, so that clients in any language can slice the text they sent.
 - `model` fields are optional: empty means the server's default model for the task.
+- Empty and whitespace-only texts are answered, never refused, so that one of them among many does not
+  fail a request: Translate answers "" (nothing is decoded), Segment no sentences for "" (whitespace is
+  one sentence, or none with `strip_whitespace`), Embed the embedding of the special tokens alone,
+  Classify no tokens for "" (for whitespace, the tokens the tokenizer makes of it, if any). FillMask
+  needs a mask in every text.
 - Every reply carries `usage` (tokens in and out) and `timing` (queue and inference time), the figures
   other servers return as headers.
 - Errors are gRPC status codes with a message: INVALID_ARGUMENT names the field and the limit it broke
@@ -665,6 +670,8 @@ class SegmentRequest(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     STRIDE_FIELD_NUMBER: _builtins.int
     RETURN_PROBABILITIES_FIELD_NUMBER: _builtins.int
+    WTPSPLIT_COMPAT_FIELD_NUMBER: _builtins.int
+    STRIP_WHITESPACE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     threshold: _builtins.float
     """Split where the boundary probability exceeds this; unset: the model's default."""
@@ -676,6 +683,15 @@ class SegmentRequest(_message.Message):
     """Window stride in tokens for long texts, 32..510; 0: the server's default (64)."""
     return_probabilities: _builtins.bool
     """Return the boundary probability of every character."""
+    wtpsplit_compat: _builtins.bool
+    """The segments wtpsplit's `SaT.split(text, threshold=...)` returns, for clients moving from wtpsplit:
+    each newline is dropped and splits its sentence where it stands (so "a\\n\\nb" gives "a", "", "b"), and
+    the segments no longer concatenate to the text (their offsets still hold). Not with `max_length`.
+    """
+    strip_whitespace: _builtins.bool
+    """Strip the whitespace around every sentence, as `SaT.split(strip_whitespace=True)`; sentences left
+    empty are dropped.
+    """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -687,10 +703,12 @@ class SegmentRequest(_message.Message):
         max_length: _builtins.int = ...,
         stride: _builtins.int = ...,
         return_probabilities: _builtins.bool = ...,
+        wtpsplit_compat: _builtins.bool = ...,
+        strip_whitespace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "max_length", b"max_length", "model", b"model", "return_probabilities", b"return_probabilities", "stride", b"stride", "texts", b"texts", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "max_length", b"max_length", "model", b"model", "return_probabilities", b"return_probabilities", "stride", b"stride", "strip_whitespace", b"strip_whitespace", "texts", b"texts", "threshold", b"threshold", "wtpsplit_compat", b"wtpsplit_compat"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
     _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015

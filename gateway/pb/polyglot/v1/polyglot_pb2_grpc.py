@@ -118,7 +118,8 @@ class PolyglotServicer:
 
     def Segment(self, request, context):
         """Split texts into sentences with a SaT model. Long texts are processed in overlapping windows, never
-        truncated. Newlines in the input are respected as boundaries.
+        truncated. Newlines in the input are respected as boundaries. By default the sentences concatenate
+        back to the text; `wtpsplit_compat` answers wtpsplit's `SaT.split` segments instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -9,6 +9,11 @@ Conventions:
 - Character offsets are code-point indices into the input string (Python `str` indexing), never byte
   offsets, so that clients in any language can slice the text they sent.
 - `model` fields are optional: empty means the server's default model for the task.
+- Empty and whitespace-only texts are answered, never refused, so that one of them among many does not
+  fail a request: Translate answers "" (nothing is decoded), Segment no sentences for "" (whitespace is
+  one sentence, or none with `strip_whitespace`), Embed the embedding of the special tokens alone,
+  Classify no tokens for "" (for whitespace, the tokens the tokenizer makes of it, if any). FillMask
+  needs a mask in every text.
 - Every reply carries `usage` (tokens in and out) and `timing` (queue and inference time), the figures
   other servers return as headers.
 - Errors are gRPC status codes with a message: INVALID_ARGUMENT names the field and the limit it broke
@@ -70,7 +75,8 @@ class PolyglotStub:
     """
     Segment: _grpc.UnaryUnaryMultiCallable[_polyglot_pb2.SegmentRequest, _polyglot_pb2.SegmentResponse]
     """Split texts into sentences with a SaT model. Long texts are processed in overlapping windows, never
-    truncated. Newlines in the input are respected as boundaries.
+    truncated. Newlines in the input are respected as boundaries. By default the sentences concatenate
+    back to the text; `wtpsplit_compat` answers wtpsplit's `SaT.split` segments instead.
     """
     Embed: _grpc.UnaryUnaryMultiCallable[_polyglot_pb2.EmbedRequest, _polyglot_pb2.EmbedResponse]
     """Sentence embeddings: mean or CLS pooling, optionally L2-normalized, computed inside the model graph."""
@@ -107,7 +113,8 @@ class PolyglotAsyncStub(PolyglotStub):
     """
     Segment: _aio.UnaryUnaryMultiCallable[_polyglot_pb2.SegmentRequest, _polyglot_pb2.SegmentResponse]  # type: ignore[assignment]
     """Split texts into sentences with a SaT model. Long texts are processed in overlapping windows, never
-    truncated. Newlines in the input are respected as boundaries.
+    truncated. Newlines in the input are respected as boundaries. By default the sentences concatenate
+    back to the text; `wtpsplit_compat` answers wtpsplit's `SaT.split` segments instead.
     """
     Embed: _aio.UnaryUnaryMultiCallable[_polyglot_pb2.EmbedRequest, _polyglot_pb2.EmbedResponse]  # type: ignore[assignment]
     """Sentence embeddings: mean or CLS pooling, optionally L2-normalized, computed inside the model graph."""
@@ -171,7 +178,8 @@ class PolyglotServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_polyglot_pb2.SegmentResponse, _abc.Awaitable[_polyglot_pb2.SegmentResponse]]:
         """Split texts into sentences with a SaT model. Long texts are processed in overlapping windows, never
-        truncated. Newlines in the input are respected as boundaries.
+        truncated. Newlines in the input are respected as boundaries. By default the sentences concatenate
+        back to the text; `wtpsplit_compat` answers wtpsplit's `SaT.split` segments instead.
         """
 
     @_abc_1.abstractmethod
