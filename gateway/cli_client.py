@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-import grpc
 import typer
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from gateway.client import PolyglotClient, Tls, vectors
+from gateway.client import PolyglotClient, PolyglotError, Tls, vectors
 
 # User text and model output are printed verbatim (escaped, never read as markup) and never hard-wrapped:
 # a terminal wraps long lines itself, and a pipe gets one line per line.
@@ -38,6 +38,7 @@ TlsCert = Annotated[
 ]
 TlsKey = Annotated[Path | None, typer.Option(envvar="PGW_TLS_KEY", help="Client certificate's key (PEM).")]
 Model = Annotated[str, typer.Option(help="Model name; default: the server's default for the task.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the whole reply as JSON (every field).")]
 DEFAULT_SERVER = "localhost:50051"
 
 
@@ -68,9 +69,16 @@ def _call(conn: Connection, action: Callable[[PolyglotClient], T]) -> T:
         except ValueError as exc:  # an option the client refuses before calling (`--format iob`)
             err.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(code=2) from exc
-        except grpc.RpcError as exc:
-            err.print(f"[bold red]error:[/] {exc.code().name}: {escape(exc.details() or '')}")
+        except PolyglotError as exc:
+            where = f" (request id {exc.request_id})" if exc.request_id else ""
+            err.print(f"[bold red]error:[/] {exc.status.name}: {escape(exc.message)}{escape(where)}")
             raise typer.Exit(code=1) from exc
+
+
+def _json(reply: Message) -> None:
+    """The reply as JSON on stdout, as it is (no markup, no wrapping, not escaped to ASCII)."""
+    text = json_format.MessageToJson(reply, always_print_fields_with_no_presence=True, ensure_ascii=False)
+    typer.echo(text)
 
 
 def register(app: typer.Typer, models_app: typer.Typer) -> None:
@@ -84,6 +92,7 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         beam: Annotated[int, typer.Option(help="Beam size (1: greedy).")] = 1,
         max_new_tokens: Annotated[int, typer.Option(help="0: the server's limit.")] = 0,
         model: Model = "",
+        as_json: AsJson = False,
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
         tls_ca: TlsCa = None,
@@ -97,6 +106,8 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
                 texts, to, source_lang=source, beam_size=beam, max_new_tokens=max_new_tokens, model=model
             ),
         )
+        if as_json:
+            return _json(reply)
         for text, translation in zip(texts, reply.translations, strict=True):
             out.print(f"[dim]{reply.source_lang}:[/] {escape(text)}")
             out.print(f"[bold]{reply.target_lang}:[/] {escape(translation.hypotheses[0].text)}")
@@ -107,7 +118,12 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         texts: Annotated[list[str], typer.Argument(help="Texts to split into sentences.")],
         threshold: Annotated[float | None, typer.Option(help="Boundary probability threshold.")] = None,
         max_length: Annotated[int, typer.Option(help="Max characters per sentence (0: none).")] = 0,
+        wtpsplit_compat: Annotated[
+            bool, typer.Option(help="wtpsplit's SaT.split segments (newlines dropped).")
+        ] = False,
+        strip_whitespace: Annotated[bool, typer.Option(help="Strip each sentence.")] = False,
         model: Model = "",
+        as_json: AsJson = False,
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
         tls_ca: TlsCa = None,
@@ -117,8 +133,17 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         """Split texts into sentences (one per line, numbered per text)."""
         reply = _call(
             Connection(server, api_key, tls_ca, tls_cert, tls_key),
-            lambda c: c.segment(texts, model=model, threshold=threshold, max_length=max_length),
+            lambda c: c.segment(
+                texts,
+                model=model,
+                threshold=threshold,
+                max_length=max_length,
+                wtpsplit_compat=wtpsplit_compat,
+                strip_whitespace=strip_whitespace,
+            ),
         )
+        if as_json:
+            return _json(reply)
         for number, result in enumerate(reply.results, 1):
             if len(texts) > 1:
                 out.print(f"[bold]text {number}[/]")
@@ -131,6 +156,7 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         format: Annotated[str, typer.Option(help="labels, bio or bioes.")] = "labels",
         scores: Annotated[str, typer.Option(help="none, logits or probabilities.")] = "none",
         model: Model = "",
+        as_json: AsJson = False,
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
         tls_ca: TlsCa = None,
@@ -140,8 +166,10 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         """Per-token labels as a table, and the spans they form."""
         reply = _call(
             Connection(server, api_key, tls_ca, tls_cert, tls_key),
-            lambda c: c.classify(texts, model=model, format=format, scores=scores),
+            lambda c: c.classify(texts, model=model, format=format, scores=scores),  # type: ignore[arg-type]
         )
+        if as_json:
+            return _json(reply)
         for text, result in zip(texts, reply.results, strict=True):
             table = Table(title=Text(text if len(text) < 80 else text[:77] + "..."))
             for column in (
@@ -173,8 +201,8 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
         pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
         normalize: Annotated[bool, typer.Option(help="L2-normalize the vectors.")] = False,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the full vectors as JSON.")] = False,
         model: Model = "",
+        as_json: AsJson = False,
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
         tls_ca: TlsCa = None,
@@ -184,12 +212,11 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         """Embed texts; prints dimensions and the first values (or --json)."""
         reply = _call(
             Connection(server, api_key, tls_ca, tls_cert, tls_key),
-            lambda c: c.embed(texts, model=model, pooling=pooling, normalize=normalize),
+            lambda c: c.embed(texts, model=model, pooling=pooling, normalize=normalize),  # type: ignore[arg-type]
         )
-        matrix = vectors(reply)
         if as_json:
-            out.print_json(json.dumps({"model": reply.model, "embeddings": matrix.tolist()}))
-            return
+            return _json(reply)
+        matrix = vectors(reply)
         for text, row in zip(texts, matrix, strict=True):
             head = ", ".join(f"{v:.4f}" for v in row[:6])
             out.print(Text(f"{text[:40]!r}: [{head}, ...] ({reply.dimensions} dims)"))
@@ -199,6 +226,7 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         texts: Annotated[list[str], typer.Argument(help="Texts with mask tokens, e.g. [MASK].")],
         top_k: Annotated[int, typer.Option(help="Predictions per mask.")] = 5,
         model: Model = "",
+        as_json: AsJson = False,
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
         tls_ca: TlsCa = None,
@@ -210,6 +238,8 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
             Connection(server, api_key, tls_ca, tls_cert, tls_key),
             lambda c: c.fill_mask(texts, model=model, top_k=top_k),
         )
+        if as_json:
+            return _json(reply)
         for text, result in zip(texts, reply.results, strict=True):
             out.print(Text(text, style="bold"))
             for mask in result.masks:
@@ -218,6 +248,7 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
 
     @models_app.command("list")
     def list_models(
+        as_json: AsJson = False,
         server: Server = DEFAULT_SERVER,
         api_key: ApiKey = None,
         tls_ca: TlsCa = None,
@@ -226,6 +257,8 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
     ) -> None:
         """The served models, their variants, devices and accuracy against fp32."""
         reply = _call(Connection(server, api_key, tls_ca, tls_cert, tls_key), lambda c: c.list_models())
+        if as_json:
+            return _json(reply)
         table = Table(title=Text(f"models on {server}"))
         for column in ("name", "task", "variant", "runs on", "default"):
             table.add_column(column, no_wrap=column in ("name", "variant"))

@@ -1,14 +1,23 @@
 """A typed Python client for the gateway, synchronous (`PolyglotClient`) and asynchronous
 (`AsyncPolyglotClient`). Methods take plain Python values and return the typed reply messages.
+
+- Every failed call raises `PolyglotError` (a `grpc.RpcError`): its status code, the server's message,
+  the request id and the reply's trailers. Options the client refuses before calling raise ValueError.
+- UNAVAILABLE (a server starting, restarting or shutting down) is retried by gRPC itself, with exponential
+  backoff and retry throttling, from the channel's service config (`Retry`); `wait_for_ready` makes calls
+  wait for the server to come up instead of failing at once.
+- Per call: `timeout`, `metadata` (e.g. `{"x-request-id": "..."}`), `wait_for_ready`, and `call`: a `Call`
+  that receives the reply's request id, headers and trailers.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -18,6 +27,15 @@ from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
 
 Texts = str | Sequence[str]
+Metadata = Mapping[str, str] | Sequence[tuple[str, str]]
+LabelFormat = Literal["labels", "bio", "bioes"]
+ScoreKind = Literal["none", "logits", "probabilities"]
+Pooling = Literal["mean", "cls"]
+R = TypeVar("R")
+
+REQUEST_ID = "x-request-id"
+SERVICES = ("polyglot.v1.Polyglot", "grpc.health.v1.Health")
+MAX_REPLY_BYTES = 256 * 1024 * 1024  # FillMask and Segment probabilities can exceed gRPC's 4 MB default
 _FORMATS = {"labels": pb.LABEL_FORMAT_LABELS, "bio": pb.LABEL_FORMAT_BIO, "bioes": pb.LABEL_FORMAT_BIOES}
 _SCORES = {
     "none": pb.SCORE_KIND_UNSPECIFIED,
@@ -25,6 +43,131 @@ _SCORES = {
     "probabilities": pb.SCORE_KIND_PROBABILITIES,
 }
 _POOLING = {"mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS}
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+class PolyglotError(grpc.RpcError):  # type: ignore[misc]  # grpc ships no types
+    """A call that failed: `code` (a grpc.StatusCode), `message` (the server's, for a person to act on),
+    `request_id` (the id the server logged it under, when it answered) and `trailers`. `code()` and
+    `details()` answer as on grpc's own errors."""
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, trailers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.status = code
+        self.message = message
+        self.trailers = dict(trailers or {})
+        self.request_id = self.trailers.get(REQUEST_ID)
+
+    def code(self) -> grpc.StatusCode:
+        return self.status
+
+    def details(self) -> str:
+        return self.message
+
+    def __str__(self) -> str:
+        return f"{self.status.name}: {self.message}"
+
+
+def _metadata_dict(pairs: Any) -> dict[str, str]:
+    """Metadata as a dict of its text entries (binary `-bin` entries are left out)."""
+    result = {}
+    for key, value in pairs or ():
+        if isinstance(value, str):
+            result[key] = value
+    return result
+
+
+def _error(exc: grpc.RpcError) -> PolyglotError:
+    if isinstance(exc, PolyglotError):
+        return exc
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+    trailers = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else ()
+    return PolyglotError(code, details or "", _metadata_dict(trailers))
+
+
+# ------------------------------------------------------------------------------------------ call options
+
+
+@dataclass
+class Call:
+    """Pass one as `call=` to learn what came back besides the reply (as Go's grpc.Header/Trailer):
+    filled in when the call returns, and when it fails."""
+
+    request_id: str | None = None  # the id the server logged the call under (x-request-id)
+    headers: dict[str, str] = field(default_factory=dict)
+    trailers: dict[str, str] = field(default_factory=dict)
+
+    def _fill(self, headers: Any, trailers: Any) -> None:
+        self.headers = _metadata_dict(headers)
+        self.trailers = _metadata_dict(trailers)
+        self.request_id = self.trailers.get(REQUEST_ID, self.headers.get(REQUEST_ID))
+
+
+@dataclass(frozen=True)
+class Retry:
+    """gRPC's own retry of failed attempts (the channel's service config): up to `attempts` in all,
+    backoff from `initial_backoff` seconds, times `multiplier` each time, at most `max_backoff`, for the
+    given status codes. Retry throttling stops retrying when most recent calls of the channel failed.
+    `Retry(attempts=1)` turns it off."""
+
+    attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    codes: tuple[str, ...] = ("UNAVAILABLE",)
+
+    def service_config(self, wait_for_ready: bool) -> str:
+        method: dict[str, Any] = {"name": [{"service": s} for s in SERVICES], "waitForReady": wait_for_ready}
+        if self.attempts > 1:
+            method["retryPolicy"] = {
+                "maxAttempts": min(self.attempts, 5),  # gRPC caps attempts at 5
+                "initialBackoff": f"{self.initial_backoff:.3f}s",
+                "maxBackoff": f"{self.max_backoff:.3f}s",
+                "backoffMultiplier": self.multiplier,
+                "retryableStatusCodes": list(self.codes),
+            }
+        config: dict[str, Any] = {"methodConfig": [method]}
+        if self.attempts > 1:
+            config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
+        return json.dumps(config)
+
+
+def channel_credentials(
+    tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: the CA that signed the server's certificate (None: the system's
+    roots), and a client certificate and key for servers that require them (mutual TLS)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs its key: pass both tls_cert and tls_key, or neither")
+
+    def read(path: str | Path | None) -> bytes | None:
+        return None if path is None else Path(path).expanduser().read_bytes()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+    )
+
+
+@dataclass(frozen=True)
+class Tls:
+    """How to reach a server over TLS (see `channel_credentials`); `server_name`: the name to check the
+    server's certificate against when it differs from the target's host (e.g. connecting by address)."""
+
+    ca: str | Path | None = None
+    cert: str | Path | None = None
+    key: str | Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.ca, self.cert, self.key)
+
+
+# -------------------------------------------------------------------------------------------- requests
 
 
 def _texts(texts: Texts) -> list[str]:
@@ -54,7 +197,8 @@ def translate_request(
     return_scores: bool = False,
     request_id: str = "",
 ) -> pb.TranslateRequest:
-    """A TranslateRequest; giving `temperature` (or `seed`) turns sampling on."""
+    """A TranslateRequest; giving `temperature` (or `seed`) turns sampling on. `request_id` matches the
+    replies of TranslateStream to their requests."""
     options = pb.TranslateOptions(
         beam_size=beam_size,
         max_new_tokens=max_new_tokens,
@@ -82,8 +226,8 @@ def translate_request(
 def classify_request(
     texts: Texts,
     model: str = "",
-    format: str = "labels",
-    scores: str = "none",
+    format: LabelFormat = "labels",
+    scores: ScoreKind = "none",
     threshold: float | None = None,
 ) -> pb.ClassifyRequest:
     request = pb.ClassifyRequest(
@@ -122,7 +266,7 @@ def segment_request(
 
 
 def embed_request(
-    texts: Texts, model: str = "", pooling: str = "mean", normalize: bool = False, truncate: bool = True
+    texts: Texts, model: str = "", pooling: Pooling = "mean", normalize: bool = False, truncate: bool = True
 ) -> pb.EmbedRequest:
     return pb.EmbedRequest(
         texts=_texts(texts),
@@ -133,6 +277,10 @@ def embed_request(
     )
 
 
+def fill_mask_request(texts: Texts, model: str = "", top_k: int = 5) -> pb.FillMaskRequest:
+    return pb.FillMaskRequest(texts=_texts(texts), model=model, top_k=top_k)
+
+
 def vectors(reply: pb.EmbedResponse) -> np.ndarray:
     """The embeddings of a reply as a float32 array [texts, dimensions]."""
     return np.array([list(e.values) for e in reply.embeddings], dtype=np.float32).reshape(
@@ -140,46 +288,59 @@ def vectors(reply: pb.EmbedResponse) -> np.ndarray:
     )
 
 
-def channel_credentials(
-    tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None
-) -> grpc.ChannelCredentials:
-    """TLS credentials from PEM files: the CA that signed the server's certificate (None: the system's
-    roots), and a client certificate and key for servers that require them (mutual TLS)."""
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("a client certificate needs its key: pass both tls_cert and tls_key, or neither")
-
-    def read(path: str | Path | None) -> bytes | None:
-        return None if path is None else Path(path).expanduser().read_bytes()
-
-    return grpc.ssl_channel_credentials(
-        root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
-    )
+def _status_name(reply: health_pb2.HealthCheckResponse) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-@dataclass(frozen=True)
-class Tls:
-    """How to reach a server over TLS (see `channel_credentials`)."""
+# -------------------------------------------------------------------------------------------- clients
 
-    ca: str | Path | None = None
-    cert: str | Path | None = None
-    key: str | Path | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        return channel_credentials(self.ca, self.cert, self.key)
+_UNSET: Any = object()  # `timeout` not given: the client's default
 
 
 class _Base:
-    def __init__(self, target: str, api_key: str | None, timeout: float | None) -> None:
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None,
+        timeout: float | None,
+        tls: Tls | None,
+        retry: Retry,
+        wait_for_ready: bool,
+        metadata: Metadata,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
         self.target = target
         self.timeout = timeout
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.wait_for_ready = wait_for_ready
+        pairs = list(metadata.items()) if isinstance(metadata, Mapping) else list(metadata)
+        self.metadata = tuple(pairs) + ((("authorization", f"Bearer {api_key}"),) if api_key else ())
+        self.credentials = tls.credentials() if tls is not None else None
+        channel_options: list[tuple[str, Any]] = [
+            ("grpc.service_config", retry.service_config(wait_for_ready)),
+            ("grpc.enable_retries", 1 if retry.attempts > 1 else 0),
+            ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+        ]
+        if tls is not None and tls.server_name:
+            channel_options.append(("grpc.ssl_target_name_override", tls.server_name))
+        self.channel_options = channel_options + list(options)
 
-    def _kwargs(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": self.metadata}
+    def _kwargs(
+        self, timeout: float | None, metadata: Metadata | None, wait_for_ready: bool | None
+    ) -> dict[str, Any]:
+        extra = list(metadata.items()) if isinstance(metadata, Mapping) else list(metadata or ())
+        return {
+            "timeout": self.timeout if timeout is _UNSET else timeout,
+            "metadata": self.metadata + tuple(extra),
+            "wait_for_ready": self.wait_for_ready if wait_for_ready is None else wait_for_ready,
+        }
 
 
 class PolyglotClient(_Base):
-    """Blocking client: `with PolyglotClient("localhost:50051") as client: client.translate(...)`."""
+    """Blocking client: `with PolyglotClient("localhost:50051") as client: client.translate(...)`.
+
+    `timeout`: seconds per call by default (None: no deadline); `retry`: gRPC's retries of UNAVAILABLE;
+    `wait_for_ready`: calls wait for the server instead of failing while it is unreachable; `metadata`:
+    sent with every call; `options`: more gRPC channel arguments."""
 
     def __init__(
         self,
@@ -187,10 +348,17 @@ class PolyglotClient(_Base):
         api_key: str | None = None,
         timeout: float | None = 30.0,
         tls: Tls | None = None,
+        *,
+        retry: Retry = Retry(),  # frozen: one default shared safely
+        wait_for_ready: bool = False,
+        metadata: Metadata = (),
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        super().__init__(target, api_key, timeout)
+        super().__init__(target, api_key, timeout, tls, retry, wait_for_ready, metadata, options)
         self.channel = (
-            grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, tls.credentials())
+            grpc.insecure_channel(target, self.channel_options)
+            if self.credentials is None
+            else grpc.secure_channel(target, self.credentials, self.channel_options)
         )
         self.stub = pb_grpc.PolyglotStub(self.channel)
 
@@ -203,60 +371,210 @@ class PolyglotClient(_Base):
     def close(self) -> None:
         self.channel.close()
 
+    def _unary(
+        self,
+        method: Any,
+        request: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        wait_for_ready: bool | None,
+        call: Call | None,
+    ) -> Any:
+        try:
+            reply, done = method.with_call(request, **self._kwargs(timeout, metadata, wait_for_ready))
+        except grpc.RpcError as exc:
+            error = _error(exc)
+            if call is not None:
+                call._fill((), error.trailers.items())
+            raise error from None
+        if call is not None:
+            call._fill(done.initial_metadata(), done.trailing_metadata())
+        return reply
+
+    def _stream(
+        self, calling: Any, timeout: float | None, metadata: Metadata | None, wait_for_ready: bool | None
+    ) -> Iterator[Any]:
+        replies = calling(**self._kwargs(timeout, metadata, wait_for_ready))
+        try:
+            yield from replies
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        finally:
+            replies.cancel()  # a caller that stops reading ends the call
+
     def translate(
-        self, texts: Texts, target_lang: str, *, timeout: float | None = None, **options: Any
+        self,
+        texts: Texts,
+        target_lang: str,
+        *,
+        source_lang: str = "eng_Latn",
+        model: str = "",
+        beam_size: int = 1,
+        max_new_tokens: int = 0,
+        num_return: int = 1,
+        length_penalty: float | None = None,
+        early_stopping: bool = False,
+        temperature: float | None = None,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        return_scores: bool = False,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
     ) -> pb.TranslateResponse:
-        """Translate into `target_lang`; options as `translate_request` takes them."""
-        reply: pb.TranslateResponse = self.stub.Translate(
-            translate_request(texts, target_lang, **options), **self._kwargs(timeout)
+        """Translate into `target_lang` (FLORES-200 or ISO 639-1); sampling when `temperature` or `seed`
+        is given, beam search when `beam_size` > 1."""
+        request = translate_request(
+            texts, target_lang, source_lang, model, beam_size, max_new_tokens, num_return, length_penalty,
+            early_stopping, temperature, top_k, top_p, seed, return_scores,
+        )  # fmt: skip
+        reply: pb.TranslateResponse = self._unary(
+            self.stub.Translate, request, timeout, metadata, wait_for_ready, call
         )
         return reply
 
-    def translate_stream(self, requests: Iterable[pb.TranslateRequest]) -> Iterator[pb.TranslateResponse]:
-        """Many requests on one stream; replies carry their request_id and may come out of order."""
-        replies: Iterator[pb.TranslateResponse] = self.stub.TranslateStream(
-            iter(requests), **self._kwargs(None)
+    def translate_stream(
+        self,
+        requests: Iterable[pb.TranslateRequest],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> Iterator[pb.TranslateResponse]:
+        """Many requests (`translate_request(..., request_id=...)`) on one stream; replies carry their
+        request_id and may come out of order. `timeout` bounds the whole stream (default: none)."""
+        return self._stream(
+            lambda **kw: self.stub.TranslateStream(iter(requests), **kw), timeout, metadata, wait_for_ready
         )
-        return replies
 
-    def classify(self, texts: Texts, *, timeout: float | None = None, **options: Any) -> pb.ClassifyResponse:
-        reply: pb.ClassifyResponse = self.stub.Classify(
-            classify_request(texts, **options), **self._kwargs(timeout)
+    def translate_tokens(
+        self,
+        request: pb.TranslateRequest,
+        *,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> Iterator[pb.TranslateTokensResponse]:
+        """The tokens of a greedy or sampled translation as they are chosen; the last message's `result`
+        is the whole reply."""
+        return self._stream(
+            lambda **kw: self.stub.TranslateTokens(request, **kw), timeout, metadata, wait_for_ready
+        )
+
+    def classify(
+        self,
+        texts: Texts,
+        *,
+        model: str = "",
+        format: LabelFormat = "labels",
+        scores: ScoreKind = "none",
+        threshold: float | None = None,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
+    ) -> pb.ClassifyResponse:
+        request = classify_request(texts, model, format, scores, threshold)
+        reply: pb.ClassifyResponse = self._unary(
+            self.stub.Classify, request, timeout, metadata, wait_for_ready, call
         )
         return reply
 
-    def segment(self, texts: Texts, *, timeout: float | None = None, **options: Any) -> pb.SegmentResponse:
-        reply: pb.SegmentResponse = self.stub.Segment(
-            segment_request(texts, **options), **self._kwargs(timeout)
+    def segment(
+        self,
+        texts: Texts,
+        *,
+        model: str = "",
+        threshold: float | None = None,
+        max_length: int = 0,
+        stride: int = 0,
+        return_probabilities: bool = False,
+        wtpsplit_compat: bool = False,
+        strip_whitespace: bool = False,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
+    ) -> pb.SegmentResponse:
+        request = segment_request(
+            texts, model, threshold, max_length, stride, return_probabilities, wtpsplit_compat,
+            strip_whitespace,
+        )  # fmt: skip
+        reply: pb.SegmentResponse = self._unary(
+            self.stub.Segment, request, timeout, metadata, wait_for_ready, call
         )
         return reply
 
-    def embed(self, texts: Texts, *, timeout: float | None = None, **options: Any) -> pb.EmbedResponse:
-        reply: pb.EmbedResponse = self.stub.Embed(embed_request(texts, **options), **self._kwargs(timeout))
+    def embed(
+        self,
+        texts: Texts,
+        *,
+        model: str = "",
+        pooling: Pooling = "mean",
+        normalize: bool = False,
+        truncate: bool = True,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
+    ) -> pb.EmbedResponse:
+        request = embed_request(texts, model, pooling, normalize, truncate)
+        reply: pb.EmbedResponse = self._unary(
+            self.stub.Embed, request, timeout, metadata, wait_for_ready, call
+        )
         return reply
 
     def fill_mask(
-        self, texts: Texts, model: str = "", top_k: int = 5, timeout: float | None = None
+        self,
+        texts: Texts,
+        *,
+        model: str = "",
+        top_k: int = 5,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
     ) -> pb.FillMaskResponse:
-        request = pb.FillMaskRequest(texts=_texts(texts), model=model, top_k=top_k)
-        reply: pb.FillMaskResponse = self.stub.FillMask(request, **self._kwargs(timeout))
+        request = fill_mask_request(texts, model, top_k)
+        reply: pb.FillMaskResponse = self._unary(
+            self.stub.FillMask, request, timeout, metadata, wait_for_ready, call
+        )
         return reply
 
-    def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        reply: pb.ListModelsResponse = self.stub.ListModels(pb.ListModelsRequest(), **self._kwargs(timeout))
+    def list_models(
+        self,
+        *,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
+    ) -> pb.ListModelsResponse:
+        reply: pb.ListModelsResponse = self._unary(
+            self.stub.ListModels, pb.ListModelsRequest(), timeout, metadata, wait_for_ready, call
+        )
         return reply
 
-    def health(self, service: str = "", timeout: float | None = None) -> str:
+    def health(
+        self, service: str = "", *, timeout: float | None = _UNSET, wait_for_ready: bool | None = None
+    ) -> str:
         """SERVING, NOT_SERVING, ... of the server (""), of "polyglot.v1.Polyglot", or of one model
         ("polyglot.v1.Polyglot/<model>")."""
-        reply = health_pb2_grpc.HealthStub(self.channel).Check(
-            health_pb2.HealthCheckRequest(service=service), **self._kwargs(timeout)
+        reply = self._unary(
+            health_pb2_grpc.HealthStub(self.channel).Check,
+            health_pb2.HealthCheckRequest(service=service),
+            timeout,
+            None,
+            wait_for_ready,
+            None,
         )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        return _status_name(reply)
 
 
 class AsyncPolyglotClient(_Base):
-    """asyncio client: `async with AsyncPolyglotClient(target) as client: await client.embed(...)`."""
+    """asyncio client: `async with AsyncPolyglotClient(target) as client: await client.embed(...)`; the
+    same methods and options as `PolyglotClient`."""
 
     def __init__(
         self,
@@ -264,12 +582,17 @@ class AsyncPolyglotClient(_Base):
         api_key: str | None = None,
         timeout: float | None = 30.0,
         tls: Tls | None = None,
+        *,
+        retry: Retry = Retry(),  # frozen: one default shared safely
+        wait_for_ready: bool = False,
+        metadata: Metadata = (),
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        super().__init__(target, api_key, timeout)
+        super().__init__(target, api_key, timeout, tls, retry, wait_for_ready, metadata, options)
         self.channel = (
-            grpc.aio.insecure_channel(target)
-            if tls is None
-            else grpc.aio.secure_channel(target, tls.credentials())
+            grpc.aio.insecure_channel(target, self.channel_options)
+            if self.credentials is None
+            else grpc.aio.secure_channel(target, self.credentials, self.channel_options)
         )
         self.stub = pb_grpc.PolyglotStub(self.channel)
 
@@ -284,52 +607,195 @@ class AsyncPolyglotClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
+    async def _unary(
+        self,
+        method: Any,
+        request: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        wait_for_ready: bool | None,
+        call: Call | None,
+    ) -> Any:
+        running = method(request, **self._kwargs(timeout, metadata, wait_for_ready))
+        try:
+            reply = await running
+        except grpc.RpcError as exc:
+            error = _error(exc)
+            if call is not None:
+                call._fill((), error.trailers.items())
+            raise error from None
+        if call is not None:
+            call._fill(await running.initial_metadata(), await running.trailing_metadata())
+        return reply
+
+    async def _stream(self, running: Any) -> AsyncIterator[Any]:
+        try:
+            async for reply in running:
+                yield reply
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        finally:
+            running.cancel()  # a caller that stops reading ends the call
+
     async def translate(
-        self, texts: Texts, target_lang: str, *, timeout: float | None = None, **options: Any
+        self,
+        texts: Texts,
+        target_lang: str,
+        *,
+        source_lang: str = "eng_Latn",
+        model: str = "",
+        beam_size: int = 1,
+        max_new_tokens: int = 0,
+        num_return: int = 1,
+        length_penalty: float | None = None,
+        early_stopping: bool = False,
+        temperature: float | None = None,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        return_scores: bool = False,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
     ) -> pb.TranslateResponse:
-        reply: pb.TranslateResponse = await self.stub.Translate(
-            translate_request(texts, target_lang, **options), **self._kwargs(timeout)
+        request = translate_request(
+            texts, target_lang, source_lang, model, beam_size, max_new_tokens, num_return, length_penalty,
+            early_stopping, temperature, top_k, top_p, seed, return_scores,
+        )  # fmt: skip
+        reply: pb.TranslateResponse = await self._unary(
+            self.stub.Translate, request, timeout, metadata, wait_for_ready, call
         )
         return reply
 
-    async def translate_stream(
-        self, requests: AsyncIterable[pb.TranslateRequest] | Iterable[pb.TranslateRequest]
+    def translate_stream(
+        self,
+        requests: AsyncIterable[pb.TranslateRequest] | Iterable[pb.TranslateRequest],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
     ) -> AsyncIterator[pb.TranslateResponse]:
-        call = self.stub.TranslateStream(requests, **self._kwargs(None))
-        async for reply in call:
-            yield reply
+        """Many requests on one stream; `timeout` bounds the whole stream (default: none)."""
+        return self._stream(
+            self.stub.TranslateStream(requests, **self._kwargs(timeout, metadata, wait_for_ready))
+        )
+
+    def translate_tokens(
+        self,
+        request: pb.TranslateRequest,
+        *,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> AsyncIterator[pb.TranslateTokensResponse]:
+        return self._stream(
+            self.stub.TranslateTokens(request, **self._kwargs(timeout, metadata, wait_for_ready))
+        )
 
     async def classify(
-        self, texts: Texts, *, timeout: float | None = None, **options: Any
+        self,
+        texts: Texts,
+        *,
+        model: str = "",
+        format: LabelFormat = "labels",
+        scores: ScoreKind = "none",
+        threshold: float | None = None,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
     ) -> pb.ClassifyResponse:
-        reply: pb.ClassifyResponse = await self.stub.Classify(
-            classify_request(texts, **options), **self._kwargs(timeout)
+        request = classify_request(texts, model, format, scores, threshold)
+        reply: pb.ClassifyResponse = await self._unary(
+            self.stub.Classify, request, timeout, metadata, wait_for_ready, call
         )
         return reply
 
     async def segment(
-        self, texts: Texts, *, timeout: float | None = None, **options: Any
+        self,
+        texts: Texts,
+        *,
+        model: str = "",
+        threshold: float | None = None,
+        max_length: int = 0,
+        stride: int = 0,
+        return_probabilities: bool = False,
+        wtpsplit_compat: bool = False,
+        strip_whitespace: bool = False,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
     ) -> pb.SegmentResponse:
-        reply: pb.SegmentResponse = await self.stub.Segment(
-            segment_request(texts, **options), **self._kwargs(timeout)
+        request = segment_request(
+            texts, model, threshold, max_length, stride, return_probabilities, wtpsplit_compat,
+            strip_whitespace,
+        )  # fmt: skip
+        reply: pb.SegmentResponse = await self._unary(
+            self.stub.Segment, request, timeout, metadata, wait_for_ready, call
         )
         return reply
 
-    async def embed(self, texts: Texts, *, timeout: float | None = None, **options: Any) -> pb.EmbedResponse:
-        reply: pb.EmbedResponse = await self.stub.Embed(
-            embed_request(texts, **options), **self._kwargs(timeout)
+    async def embed(
+        self,
+        texts: Texts,
+        *,
+        model: str = "",
+        pooling: Pooling = "mean",
+        normalize: bool = False,
+        truncate: bool = True,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
+    ) -> pb.EmbedResponse:
+        request = embed_request(texts, model, pooling, normalize, truncate)
+        reply: pb.EmbedResponse = await self._unary(
+            self.stub.Embed, request, timeout, metadata, wait_for_ready, call
         )
         return reply
 
     async def fill_mask(
-        self, texts: Texts, model: str = "", top_k: int = 5, timeout: float | None = None
+        self,
+        texts: Texts,
+        *,
+        model: str = "",
+        top_k: int = 5,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
     ) -> pb.FillMaskResponse:
-        request = pb.FillMaskRequest(texts=_texts(texts), model=model, top_k=top_k)
-        reply: pb.FillMaskResponse = await self.stub.FillMask(request, **self._kwargs(timeout))
-        return reply
-
-    async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        reply: pb.ListModelsResponse = await self.stub.ListModels(
-            pb.ListModelsRequest(), **self._kwargs(timeout)
+        request = fill_mask_request(texts, model, top_k)
+        reply: pb.FillMaskResponse = await self._unary(
+            self.stub.FillMask, request, timeout, metadata, wait_for_ready, call
         )
         return reply
+
+    async def list_models(
+        self,
+        *,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+        call: Call | None = None,
+    ) -> pb.ListModelsResponse:
+        reply: pb.ListModelsResponse = await self._unary(
+            self.stub.ListModels, pb.ListModelsRequest(), timeout, metadata, wait_for_ready, call
+        )
+        return reply
+
+    async def health(
+        self, service: str = "", *, timeout: float | None = _UNSET, wait_for_ready: bool | None = None
+    ) -> str:
+        """SERVING, NOT_SERVING, ... of the server (""), of "polyglot.v1.Polyglot", or of one model."""
+        reply = await self._unary(
+            health_pb2_grpc.HealthStub(self.channel).Check,
+            health_pb2.HealthCheckRequest(service=service),
+            timeout,
+            None,
+            wait_for_ready,
+            None,
+        )
+        return _status_name(reply)

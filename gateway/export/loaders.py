@@ -32,8 +32,8 @@ from transformers import (
 from gateway.errors import InvalidInput
 
 SAT_MODEL_TYPE = "xlm-token"
-# SaT checkpoints ship no tokenizer; wtpsplit pairs them with this one.
-SAT_TOKENIZER = "xlm-roberta-base"
+# SaT checkpoints ship no tokenizer; wtpsplit pairs them with this one, cached under either name.
+SAT_TOKENIZERS = ("FacebookAI/xlm-roberta-base", "xlm-roberta-base")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "sentencepiece.bpe.model", "vocab.txt")
 _HASHED_SUFFIXES = (".json", ".safetensors", ".model", ".txt")
 
@@ -53,6 +53,15 @@ def resolve_checkpoint(name_or_path: str | Path, cache_dir: Path | None = None) 
             f"model {name_or_path!r} is neither a directory nor in the Hugging Face cache; "
             "download it on a machine with hub access (huggingface-cli download) or pass a local directory"
         ) from exc
+
+
+def _first_cached(names: tuple[str, ...]) -> Path:
+    for name in names[:-1]:
+        try:
+            return resolve_checkpoint(name)
+        except InvalidInput:
+            continue
+    return resolve_checkpoint(names[-1])
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -154,14 +163,15 @@ def open_checkpoint(name_or_path: str | Path) -> Checkpoint:
 
 
 def load_tokenizer(checkpoint: Checkpoint, tokenizer: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """The checkpoint's fast tokenizer; SaT checkpoints without one get `xlm-roberta-base` from the cache."""
+    """The checkpoint's fast tokenizer; SaT checkpoints without one get `xlm-roberta-base`'s from the cache
+    (`FacebookAI/xlm-roberta-base` or `xlm-roberta-base`)."""
     source: str | Path
     if tokenizer is not None:
         source = resolve_checkpoint(tokenizer)
     elif any((checkpoint.path / name).is_file() for name in _TOKENIZER_FILES):
         source = checkpoint.path
     elif is_sat_config(checkpoint.config):
-        source = resolve_checkpoint(SAT_TOKENIZER)
+        source = _first_cached(SAT_TOKENIZERS)
     else:
         raise InvalidInput(f"{checkpoint.path} has no tokenizer files; pass --tokenizer DIR")
     loaded = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from gateway.admission import Admission
 from gateway.auth import ApiKeys
 from gateway.cli import app
-from gateway.client import PolyglotClient, Tls
+from gateway.client import PolyglotClient, PolyglotError, Tls
 from gateway.config import ModelConfig, ServerConfig, TlsConfig
 from gateway.interceptors import GatewayInterceptor
 from gateway.manifest import Manifest, Task
@@ -182,6 +182,19 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
         with pytest.raises(grpc.RpcError) as error:
             await _embed(target, refused)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_the_client_checks_the_certificate_against_server_name(
+    tls_server: GatewayServer, pki: Pki
+) -> None:
+    """Connecting by address to a server whose certificate names `localhost`: `Tls(server_name=...)`."""
+    target = f"127.0.0.1:{tls_server.port}"
+    assert await _embed(target, Tls(ca=pki.ca, server_name="localhost")) == 1
+    with pytest.raises(PolyglotError) as mismatch:
+        await _embed(target, Tls(ca=pki.ca))
+    assert mismatch.value.status == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(PolyglotError):
+        await _embed(target, Tls(ca=pki.ca, server_name="elsewhere.example"))
 
 
 def test_the_client_wants_both_halves_of_a_client_certificate(pki: Pki) -> None:

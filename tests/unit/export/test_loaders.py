@@ -16,6 +16,7 @@ from gateway.export.loaders import (
     LookaheadTokenClassifier,
     load_encoder,
     load_token_classifier,
+    load_tokenizer,
     open_checkpoint,
     resolve_checkpoint,
 )
@@ -110,3 +111,42 @@ def test_hub_id_resolves_from_the_cache(demo_dir: Path, tmp_path: Path) -> None:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     assert resolve_checkpoint("example/sat-demo", cache_dir=tmp_path) == snapshot
+
+
+def _cache(root: Path, repo: str, files: Path) -> None:
+    revision = "1" * 40
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(files / name, snapshot / name)
+
+
+@pytest.mark.parametrize("cached_as", ["FacebookAI/xlm-roberta-base", "xlm-roberta-base"])
+def test_a_sat_checkpoint_without_a_tokenizer_takes_xlmr_from_the_cache(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached_as: str
+) -> None:
+    import huggingface_hub.constants
+
+    checkpoint = tmp_path / "sat-bare"
+    checkpoint.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(demo_dir / "sat-demo" / name, checkpoint / name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(InvalidInput, match="xlm-roberta-base' is neither a directory nor in the"):
+        load_tokenizer(open_checkpoint(checkpoint))
+    _cache(tmp_path / "hub", cached_as, demo_dir / "sat-demo")
+    tokenizer = load_tokenizer(open_checkpoint(checkpoint))
+    assert (
+        tokenizer("Hello there.")["input_ids"]
+        == load_tokenizer(open_checkpoint(demo_dir / "sat-demo"))("Hello there.")["input_ids"]
+    )
+    plain = tmp_path / "plain"
+    shutil.copytree(demo_dir / "distilbert-demo", plain)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (plain / name).unlink(missing_ok=True)
+    with pytest.raises(InvalidInput, match="has no tokenizer files; pass --tokenizer DIR"):
+        load_tokenizer(open_checkpoint(plain))
+    assert load_tokenizer(open_checkpoint(plain), tokenizer=demo_dir / "distilbert-demo").vocab_size > 0
