@@ -12,12 +12,23 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -32,6 +43,7 @@ LabelFormat = Literal["labels", "bio", "bioes"]
 ScoreKind = Literal["none", "logits", "probabilities"]
 Pooling = Literal["mean", "cls"]
 R = TypeVar("R")
+P = ParamSpec("P")
 
 REQUEST_ID = "x-request-id"
 SERVICES = ("polyglot.v1.Polyglot", "grpc.health.v1.Health")
@@ -292,9 +304,172 @@ def _status_name(reply: health_pb2.HealthCheckResponse) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-# -------------------------------------------------------------------------------------------- clients
+# ------------------------------------------------------------------------------------------ unary calls
 
-_UNSET: Any = object()  # `timeout` not given: the client's default
+
+class _ClientDefault:
+    def __repr__(self) -> str:
+        return "<the client's timeout>"
+
+
+_UNSET: Any = _ClientDefault()  # `timeout` not given: the client's default
+
+
+@dataclass(frozen=True)
+class _Prepared(Generic[R]):
+    """One unary call, ready to send: which rpc, its request, and the call's options."""
+
+    rpc: str  # the stub's attribute: "Translate", ...
+    request: Any
+    timeout: float | None
+    metadata: Metadata | None
+    wait_for_ready: bool | None
+    call: Call | None
+
+
+# Each unary rpc is written once, as the signature both clients' methods take (`_sync` and `_async` make
+# the methods); the request builders above stay public for TranslateStream and for callers' own stubs.
+
+
+def _translate(
+    texts: Texts,
+    target_lang: str,
+    *,
+    source_lang: str = "eng_Latn",
+    model: str = "",
+    beam_size: int = 1,
+    max_new_tokens: int = 0,
+    num_return: int = 1,
+    length_penalty: float | None = None,
+    early_stopping: bool = False,
+    temperature: float | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    return_scores: bool = False,
+    timeout: float | None = _UNSET,
+    metadata: Metadata | None = None,
+    wait_for_ready: bool | None = None,
+    call: Call | None = None,
+) -> _Prepared[pb.TranslateResponse]:
+    """Translate into `target_lang` (FLORES-200 or ISO 639-1) from `source_lang`; sampling when
+    `temperature` or `seed` is given, beam search when `beam_size` > 1."""
+    request = translate_request(
+        texts, target_lang, source_lang, model, beam_size, max_new_tokens, num_return, length_penalty,
+        early_stopping, temperature, top_k, top_p, seed, return_scores,
+    )  # fmt: skip
+    return _Prepared("Translate", request, timeout, metadata, wait_for_ready, call)
+
+
+def _classify(
+    texts: Texts,
+    *,
+    model: str = "",
+    format: LabelFormat = "labels",
+    scores: ScoreKind = "none",
+    threshold: float | None = None,
+    timeout: float | None = _UNSET,
+    metadata: Metadata | None = None,
+    wait_for_ready: bool | None = None,
+    call: Call | None = None,
+) -> _Prepared[pb.ClassifyResponse]:
+    """Per-token labels (and spans, for `bio`/`bioes`) with character offsets."""
+    request = classify_request(texts, model, format, scores, threshold)
+    return _Prepared("Classify", request, timeout, metadata, wait_for_ready, call)
+
+
+def _segment(
+    texts: Texts,
+    *,
+    model: str = "",
+    threshold: float | None = None,
+    max_length: int = 0,
+    stride: int = 0,
+    return_probabilities: bool = False,
+    wtpsplit_compat: bool = False,
+    strip_whitespace: bool = False,
+    timeout: float | None = _UNSET,
+    metadata: Metadata | None = None,
+    wait_for_ready: bool | None = None,
+    call: Call | None = None,
+) -> _Prepared[pb.SegmentResponse]:
+    """Sentences with character offsets; `wtpsplit_compat` for wtpsplit's `SaT.split` segments."""
+    request = segment_request(
+        texts, model, threshold, max_length, stride, return_probabilities, wtpsplit_compat, strip_whitespace
+    )
+    return _Prepared("Segment", request, timeout, metadata, wait_for_ready, call)
+
+
+def _embed(
+    texts: Texts,
+    *,
+    model: str = "",
+    pooling: Pooling = "mean",
+    normalize: bool = False,
+    truncate: bool = True,
+    timeout: float | None = _UNSET,
+    metadata: Metadata | None = None,
+    wait_for_ready: bool | None = None,
+    call: Call | None = None,
+) -> _Prepared[pb.EmbedResponse]:
+    """Sentence embeddings (`vectors(reply)` gives them as one numpy array)."""
+    request = embed_request(texts, model, pooling, normalize, truncate)
+    return _Prepared("Embed", request, timeout, metadata, wait_for_ready, call)
+
+
+def _fill_mask(
+    texts: Texts,
+    *,
+    model: str = "",
+    top_k: int = 5,
+    timeout: float | None = _UNSET,
+    metadata: Metadata | None = None,
+    wait_for_ready: bool | None = None,
+    call: Call | None = None,
+) -> _Prepared[pb.FillMaskResponse]:
+    """The `top_k` likeliest tokens at each mask token of each text."""
+    request = fill_mask_request(texts, model, top_k)
+    return _Prepared("FillMask", request, timeout, metadata, wait_for_ready, call)
+
+
+def _list_models(
+    *,
+    timeout: float | None = _UNSET,
+    metadata: Metadata | None = None,
+    wait_for_ready: bool | None = None,
+    call: Call | None = None,
+) -> _Prepared[pb.ListModelsResponse]:
+    """The served models: task, variant, device, limits, languages and accuracy reports."""
+    return _Prepared("ListModels", pb.ListModelsRequest(), timeout, metadata, wait_for_ready, call)
+
+
+def _named(method: Any, prepare: Callable[..., Any]) -> None:
+    """`help()` and IDEs show the method as its rpc's signature, returning the reply."""
+    functools.update_wrapper(method, prepare)
+    method.__name__ = method.__qualname__ = prepare.__name__.removeprefix("_")
+    returns = str(prepare.__annotations__.get("return", "")).removeprefix("_Prepared[").removesuffix("]")
+    method.__signature__ = inspect.signature(prepare).replace(return_annotation=returns)
+
+
+def _sync(prepare: Callable[P, _Prepared[R]]) -> Callable[Concatenate[PolyglotClient, P], R]:
+    def method(self: PolyglotClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._unary(prepare(*args, **kwargs))
+
+    _named(method, prepare)
+    return method
+
+
+def _async(
+    prepare: Callable[P, _Prepared[R]],
+) -> Callable[Concatenate[AsyncPolyglotClient, P], Awaitable[R]]:
+    async def method(self: AsyncPolyglotClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._unary(prepare(*args, **kwargs))
+
+    _named(method, prepare)
+    return method
+
+
+# -------------------------------------------------------------------------------------------- clients
 
 
 class _Base:
@@ -334,6 +509,19 @@ class _Base:
             "wait_for_ready": self.wait_for_ready if wait_for_ready is None else wait_for_ready,
         }
 
+    def _options(self, prepared: _Prepared[Any]) -> dict[str, Any]:
+        return self._kwargs(prepared.timeout, prepared.metadata, prepared.wait_for_ready)
+
+    @staticmethod
+    def _failed(exc: grpc.RpcError, call: Call | None) -> PolyglotError:
+        error = _error(exc)
+        if call is not None:
+            call._fill((), error.trailers.items())
+        return error
+
+
+_HEALTH = "grpc.health.v1.Health"
+
 
 class PolyglotClient(_Base):
     """Blocking client: `with PolyglotClient("localhost:50051") as client: client.translate(...)`.
@@ -361,6 +549,7 @@ class PolyglotClient(_Base):
             else grpc.secure_channel(target, self.credentials, self.channel_options)
         )
         self.stub = pb_grpc.PolyglotStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self) -> PolyglotClient:
         return self
@@ -371,30 +560,18 @@ class PolyglotClient(_Base):
     def close(self) -> None:
         self.channel.close()
 
-    def _unary(
-        self,
-        method: Any,
-        request: Any,
-        timeout: float | None,
-        metadata: Metadata | None,
-        wait_for_ready: bool | None,
-        call: Call | None,
-    ) -> Any:
+    def _unary(self, prepared: _Prepared[R]) -> R:
+        stub = self.health_stub if prepared.rpc == "Check" else self.stub
         try:
-            reply, done = method.with_call(request, **self._kwargs(timeout, metadata, wait_for_ready))
+            reply, done = getattr(stub, prepared.rpc).with_call(prepared.request, **self._options(prepared))
         except grpc.RpcError as exc:
-            error = _error(exc)
-            if call is not None:
-                call._fill((), error.trailers.items())
-            raise error from None
-        if call is not None:
-            call._fill(done.initial_metadata(), done.trailing_metadata())
-        return reply
+            raise self._failed(exc, prepared.call) from None
+        if prepared.call is not None:
+            prepared.call._fill(done.initial_metadata(), done.trailing_metadata())
+        return cast(R, reply)
 
-    def _stream(
-        self, calling: Any, timeout: float | None, metadata: Metadata | None, wait_for_ready: bool | None
-    ) -> Iterator[Any]:
-        replies = calling(**self._kwargs(timeout, metadata, wait_for_ready))
+    def _stream(self, calling: Callable[..., Any], options: dict[str, Any]) -> Iterator[Any]:
+        replies = calling(**options)
         try:
             yield from replies
         except grpc.RpcError as exc:
@@ -402,38 +579,12 @@ class PolyglotClient(_Base):
         finally:
             replies.cancel()  # a caller that stops reading ends the call
 
-    def translate(
-        self,
-        texts: Texts,
-        target_lang: str,
-        *,
-        source_lang: str = "eng_Latn",
-        model: str = "",
-        beam_size: int = 1,
-        max_new_tokens: int = 0,
-        num_return: int = 1,
-        length_penalty: float | None = None,
-        early_stopping: bool = False,
-        temperature: float | None = None,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        return_scores: bool = False,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.TranslateResponse:
-        """Translate into `target_lang` (FLORES-200 or ISO 639-1); sampling when `temperature` or `seed`
-        is given, beam search when `beam_size` > 1."""
-        request = translate_request(
-            texts, target_lang, source_lang, model, beam_size, max_new_tokens, num_return, length_penalty,
-            early_stopping, temperature, top_k, top_p, seed, return_scores,
-        )  # fmt: skip
-        reply: pb.TranslateResponse = self._unary(
-            self.stub.Translate, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
+    translate = _sync(_translate)
+    classify = _sync(_classify)
+    segment = _sync(_segment)
+    embed = _sync(_embed)
+    fill_mask = _sync(_fill_mask)
+    list_models = _sync(_list_models)
 
     def translate_stream(
         self,
@@ -446,7 +597,8 @@ class PolyglotClient(_Base):
         """Many requests (`translate_request(..., request_id=...)`) on one stream; replies carry their
         request_id and may come out of order. `timeout` bounds the whole stream (default: none)."""
         return self._stream(
-            lambda **kw: self.stub.TranslateStream(iter(requests), **kw), timeout, metadata, wait_for_ready
+            lambda **kw: self.stub.TranslateStream(iter(requests), **kw),
+            self._kwargs(timeout, metadata, wait_for_ready),
         )
 
     def translate_tokens(
@@ -460,114 +612,18 @@ class PolyglotClient(_Base):
         """The tokens of a greedy or sampled translation as they are chosen; the last message's `result`
         is the whole reply."""
         return self._stream(
-            lambda **kw: self.stub.TranslateTokens(request, **kw), timeout, metadata, wait_for_ready
+            lambda **kw: self.stub.TranslateTokens(request, **kw),
+            self._kwargs(timeout, metadata, wait_for_ready),
         )
-
-    def classify(
-        self,
-        texts: Texts,
-        *,
-        model: str = "",
-        format: LabelFormat = "labels",
-        scores: ScoreKind = "none",
-        threshold: float | None = None,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.ClassifyResponse:
-        request = classify_request(texts, model, format, scores, threshold)
-        reply: pb.ClassifyResponse = self._unary(
-            self.stub.Classify, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
-
-    def segment(
-        self,
-        texts: Texts,
-        *,
-        model: str = "",
-        threshold: float | None = None,
-        max_length: int = 0,
-        stride: int = 0,
-        return_probabilities: bool = False,
-        wtpsplit_compat: bool = False,
-        strip_whitespace: bool = False,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.SegmentResponse:
-        request = segment_request(
-            texts, model, threshold, max_length, stride, return_probabilities, wtpsplit_compat,
-            strip_whitespace,
-        )  # fmt: skip
-        reply: pb.SegmentResponse = self._unary(
-            self.stub.Segment, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
-
-    def embed(
-        self,
-        texts: Texts,
-        *,
-        model: str = "",
-        pooling: Pooling = "mean",
-        normalize: bool = False,
-        truncate: bool = True,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.EmbedResponse:
-        request = embed_request(texts, model, pooling, normalize, truncate)
-        reply: pb.EmbedResponse = self._unary(
-            self.stub.Embed, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
-
-    def fill_mask(
-        self,
-        texts: Texts,
-        *,
-        model: str = "",
-        top_k: int = 5,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.FillMaskResponse:
-        request = fill_mask_request(texts, model, top_k)
-        reply: pb.FillMaskResponse = self._unary(
-            self.stub.FillMask, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
-
-    def list_models(
-        self,
-        *,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.ListModelsResponse:
-        reply: pb.ListModelsResponse = self._unary(
-            self.stub.ListModels, pb.ListModelsRequest(), timeout, metadata, wait_for_ready, call
-        )
-        return reply
 
     def health(
         self, service: str = "", *, timeout: float | None = _UNSET, wait_for_ready: bool | None = None
     ) -> str:
         """SERVING, NOT_SERVING, ... of the server (""), of "polyglot.v1.Polyglot", or of one model
         ("polyglot.v1.Polyglot/<model>")."""
-        reply = self._unary(
-            health_pb2_grpc.HealthStub(self.channel).Check,
-            health_pb2.HealthCheckRequest(service=service),
-            timeout,
-            None,
-            wait_for_ready,
-            None,
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply: health_pb2.HealthCheckResponse = self._unary(
+            _Prepared("Check", request, timeout, None, wait_for_ready, None)
         )
         return _status_name(reply)
 
@@ -595,6 +651,7 @@ class AsyncPolyglotClient(_Base):
             else grpc.aio.secure_channel(target, self.credentials, self.channel_options)
         )
         self.stub = pb_grpc.PolyglotStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     async def __aenter__(self) -> AsyncPolyglotClient:
         return self
@@ -607,26 +664,16 @@ class AsyncPolyglotClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _unary(
-        self,
-        method: Any,
-        request: Any,
-        timeout: float | None,
-        metadata: Metadata | None,
-        wait_for_ready: bool | None,
-        call: Call | None,
-    ) -> Any:
-        running = method(request, **self._kwargs(timeout, metadata, wait_for_ready))
+    async def _unary(self, prepared: _Prepared[R]) -> R:
+        stub = self.health_stub if prepared.rpc == "Check" else self.stub
+        running = getattr(stub, prepared.rpc)(prepared.request, **self._options(prepared))
         try:
             reply = await running
         except grpc.RpcError as exc:
-            error = _error(exc)
-            if call is not None:
-                call._fill((), error.trailers.items())
-            raise error from None
-        if call is not None:
-            call._fill(await running.initial_metadata(), await running.trailing_metadata())
-        return reply
+            raise self._failed(exc, prepared.call) from None
+        if prepared.call is not None:
+            prepared.call._fill(await running.initial_metadata(), await running.trailing_metadata())
+        return cast(R, reply)
 
     async def _stream(self, running: Any) -> AsyncIterator[Any]:
         try:
@@ -637,36 +684,12 @@ class AsyncPolyglotClient(_Base):
         finally:
             running.cancel()  # a caller that stops reading ends the call
 
-    async def translate(
-        self,
-        texts: Texts,
-        target_lang: str,
-        *,
-        source_lang: str = "eng_Latn",
-        model: str = "",
-        beam_size: int = 1,
-        max_new_tokens: int = 0,
-        num_return: int = 1,
-        length_penalty: float | None = None,
-        early_stopping: bool = False,
-        temperature: float | None = None,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        return_scores: bool = False,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.TranslateResponse:
-        request = translate_request(
-            texts, target_lang, source_lang, model, beam_size, max_new_tokens, num_return, length_penalty,
-            early_stopping, temperature, top_k, top_p, seed, return_scores,
-        )  # fmt: skip
-        reply: pb.TranslateResponse = await self._unary(
-            self.stub.Translate, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
+    translate = _async(_translate)
+    classify = _async(_classify)
+    segment = _async(_segment)
+    embed = _async(_embed)
+    fill_mask = _async(_fill_mask)
+    list_models = _async(_list_models)
 
     def translate_stream(
         self,
@@ -689,113 +712,17 @@ class AsyncPolyglotClient(_Base):
         metadata: Metadata | None = None,
         wait_for_ready: bool | None = None,
     ) -> AsyncIterator[pb.TranslateTokensResponse]:
+        """The tokens of a greedy or sampled translation as they are chosen, then the whole reply."""
         return self._stream(
             self.stub.TranslateTokens(request, **self._kwargs(timeout, metadata, wait_for_ready))
         )
-
-    async def classify(
-        self,
-        texts: Texts,
-        *,
-        model: str = "",
-        format: LabelFormat = "labels",
-        scores: ScoreKind = "none",
-        threshold: float | None = None,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.ClassifyResponse:
-        request = classify_request(texts, model, format, scores, threshold)
-        reply: pb.ClassifyResponse = await self._unary(
-            self.stub.Classify, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
-
-    async def segment(
-        self,
-        texts: Texts,
-        *,
-        model: str = "",
-        threshold: float | None = None,
-        max_length: int = 0,
-        stride: int = 0,
-        return_probabilities: bool = False,
-        wtpsplit_compat: bool = False,
-        strip_whitespace: bool = False,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.SegmentResponse:
-        request = segment_request(
-            texts, model, threshold, max_length, stride, return_probabilities, wtpsplit_compat,
-            strip_whitespace,
-        )  # fmt: skip
-        reply: pb.SegmentResponse = await self._unary(
-            self.stub.Segment, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
-
-    async def embed(
-        self,
-        texts: Texts,
-        *,
-        model: str = "",
-        pooling: Pooling = "mean",
-        normalize: bool = False,
-        truncate: bool = True,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.EmbedResponse:
-        request = embed_request(texts, model, pooling, normalize, truncate)
-        reply: pb.EmbedResponse = await self._unary(
-            self.stub.Embed, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
-
-    async def fill_mask(
-        self,
-        texts: Texts,
-        *,
-        model: str = "",
-        top_k: int = 5,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.FillMaskResponse:
-        request = fill_mask_request(texts, model, top_k)
-        reply: pb.FillMaskResponse = await self._unary(
-            self.stub.FillMask, request, timeout, metadata, wait_for_ready, call
-        )
-        return reply
-
-    async def list_models(
-        self,
-        *,
-        timeout: float | None = _UNSET,
-        metadata: Metadata | None = None,
-        wait_for_ready: bool | None = None,
-        call: Call | None = None,
-    ) -> pb.ListModelsResponse:
-        reply: pb.ListModelsResponse = await self._unary(
-            self.stub.ListModels, pb.ListModelsRequest(), timeout, metadata, wait_for_ready, call
-        )
-        return reply
 
     async def health(
         self, service: str = "", *, timeout: float | None = _UNSET, wait_for_ready: bool | None = None
     ) -> str:
         """SERVING, NOT_SERVING, ... of the server (""), of "polyglot.v1.Polyglot", or of one model."""
-        reply = await self._unary(
-            health_pb2_grpc.HealthStub(self.channel).Check,
-            health_pb2.HealthCheckRequest(service=service),
-            timeout,
-            None,
-            wait_for_ready,
-            None,
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply: health_pb2.HealthCheckResponse = await self._unary(
+            _Prepared("Check", request, timeout, None, wait_for_ready, None)
         )
         return _status_name(reply)
