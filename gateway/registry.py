@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import InvalidInput, shown
 from gateway.runtime import LoadedModel
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TaskModel = TranslationModel | TokenClassificationModel | EmbeddingModel | FillMaskModel
-M = TypeVar("M", TranslationModel, TokenClassificationModel, EmbeddingModel, FillMaskModel)
 
 # Which served task answers each rpc.
 RPC_TASKS = {
@@ -76,11 +75,6 @@ class Registry:
         if entry.task != task:
             raise InvalidInput(f"model: {shown(name)} is a {entry.task} model, not a {task} model")
         return entry
-
-    def get(self, kind: type[M], task: str, name: str) -> M:
-        model = self.resolve(task, name).model
-        assert isinstance(model, kind)
-        return model
 
     def label(self, rpc: str, request: Any) -> str:
         """The metrics label of a request's model: a served model's name (the one it names, or the default

@@ -35,11 +35,3 @@ def probe_sentences(per_language: int = 2) -> tuple[Sentence, ...]:
             taken[sentence.lang] = taken.get(sentence.lang, 0) + 1
             probes.append(sentence)
     return tuple(probes)
-
-
-def probe_paragraphs(sentences_per_paragraph: int = 6) -> tuple[str, ...]:
-    """One paragraph per language: consecutive sentences joined by a space (segmentation probes)."""
-    by_lang: dict[str, list[str]] = {}
-    for sentence in sample_sentences():
-        by_lang.setdefault(sentence.lang, []).append(sentence.text)
-    return tuple(" ".join(texts[:sentences_per_paragraph]) for texts in by_lang.values())

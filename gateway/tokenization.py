@@ -48,10 +48,6 @@ class TextTokenizer:
         self.max_length = max_length
         self.observer: Callable[[float], None] | None = None  # seconds per encode call, for metrics
 
-    def encode(self, text: str, add_special_tokens: bool = True, truncate: bool = True) -> Encoded:
-        """One text; with `truncate`, cut to the model's limit keeping the special tokens (flagged)."""
-        return self.encode_batch([text], add_special_tokens, truncate)[0]
-
     def encode_batch(
         self, texts: Sequence[str], add_special_tokens: bool = True, truncate: bool = True
     ) -> list[Encoded]:
@@ -88,13 +84,6 @@ class TextTokenizer:
                 [list(ids) for ids in batch], skip_special_tokens=skip_special_tokens
             )
         )
-
-    def token_to_id(self, token: str) -> int | None:
-        result = self._tokenizer.token_to_id(token)
-        return None if result is None else int(result)
-
-    def id_to_token(self, token_id: int) -> str:
-        return str(self._tokenizer.id_to_token(token_id))
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -39,25 +39,3 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-@runtime_checkable
-class BoundBackend(Protocol):
-    """A backend that can keep outputs where it computed them (a GPU's memory) and take them back as inputs,
-    so a decoder's key/value cache never crosses to the host between steps. Values kept are opaque to the
-    caller, which only passes them back, or moves them with `to_host` / `to_device` to reorder rows."""
-
-    # Whether callers should keep outputs here: true on a GPU. On a CPU the binding costs more Python
-    # per run than the copies it saves (~0.1 ms per decoder step on the tiny demo NLLB); tests set it there.
-    keep_outputs: bool
-
-    async def run_bound(
-        self, inputs: Mapping[str, Any], host: Sequence[str], kept: Sequence[str]
-    ) -> tuple[Arrays, dict[str, Any]]:
-        """Run on named inputs (arrays, or values kept earlier); returns the `host` outputs as arrays and
-        the `kept` outputs as kept values."""
-        ...
-
-    def to_host(self, value: Any) -> np.ndarray: ...
-
-    def to_device(self, array: np.ndarray) -> Any: ...

@@ -1,8 +1,8 @@
 """ONNX Runtime in-process: one InferenceSession per ONNX part, run off the event loop.
 
 Providers are tried in the order TensorRT (only when asked) -> CUDA -> CPU; on CUDA, inputs and outputs go
-through IO binding (see `ort_cuda.py`, imported only when a CUDA session exists). Input and output names
-come from the session, never from constants.
+through IO binding: inputs copied to the device once, outputs allocated there and copied back once. Input
+and output names come from the session, never from constants.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -98,15 +98,10 @@ class OnnxRuntimeBackend:
         self._inputs = _specs(self.session.get_inputs())
         self._outputs = _specs(self.session.get_outputs())
         self._input_names = {spec.name for spec in self._inputs}
-        self._runner = self._cuda_runner() if self.device != "cpu" else None
-        self.keep_outputs = self.device != "cpu"  # BoundBackend
-        # Where kept outputs live, as OrtValue and IO binding name it.
+        # IO binding on a GPU. On a CPU it costs more Python per run than the copies it saves.
+        self.io_binding = self.device != "cpu"
+        # Where outputs are allocated, as IO binding names the device.
         self._ort_device = ("cpu", 0) if self.device == "cpu" else ("cuda", settings.device_id)
-
-    def _cuda_runner(self) -> Any:
-        from gateway.backends.ort_cuda import IoBindingRunner
-
-        return IoBindingRunner(self.session, self.device)
 
     @property
     def ready(self) -> bool:
@@ -126,59 +121,23 @@ class OnnxRuntimeBackend:
     def run_sync(self, inputs: Arrays, outputs: Sequence[str] | None = None) -> Arrays:
         names = list(outputs) if outputs is not None else [spec.name for spec in self._outputs]
         feed = {name: value for name, value in inputs.items() if name in self._input_names}
-        if self._runner is not None:
-            result: Arrays = self._runner.run(feed, names)
-            return result
+        if self.io_binding:
+            return self._run_bound(feed, names)
         return dict(zip(names, self.session.run(names, feed), strict=True))
+
+    def _run_bound(self, feed: Arrays, names: Sequence[str]) -> Arrays:
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        device, device_id = self._ort_device
+        for name in names:
+            binding.bind_output(name, device, device_id)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
     async def run(self, inputs: Arrays, outputs: Sequence[str] | None = None) -> Arrays:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(self.run_sync, inputs, outputs))
 
-    # BoundBackend: outputs kept as OrtValues on the session's device, fed back through IO binding.
-
-    def run_bound_sync(
-        self, inputs: Mapping[str, Any], host: Sequence[str], kept: Sequence[str]
-    ) -> tuple[Arrays, dict[str, Any]]:
-        binding = self.session.io_binding()
-        for name, value in inputs.items():
-            if name not in self._input_names:
-                continue
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in host:
-            binding.bind_output(name, "cpu")
-        device, device_id = self._ort_device
-        for name in kept:
-            binding.bind_output(name, device, device_id)
-        self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        arrays = {name: value.numpy() for name, value in zip(host, values[: len(host)], strict=True)}
-        return arrays, dict(zip(kept, values[len(host) :], strict=True))
-
-    async def run_bound(
-        self, inputs: Mapping[str, Any], host: Sequence[str], kept: Sequence[str]
-    ) -> tuple[Arrays, dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(self.run_bound_sync, inputs, host, kept))
-
-    def to_host(self, value: Any) -> np.ndarray:
-        return np.asarray(value.numpy())
-
-    def to_device(self, array: np.ndarray) -> Any:
-        device, device_id = self._ort_device
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, device_id)
-
     async def close(self) -> None:
-        self._runner = None
-
-
-def warmup_inputs(specs: Sequence[TensorSpec], batch: int = 1, length: int = 8) -> Arrays:
-    """Small valid inputs for a part, from its specs: symbolic dims become `batch` then `length`."""
-    arrays: Arrays = {}
-    for spec in specs:
-        shape = [batch if i == 0 else (length if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
-        arrays[spec.name] = np.ones([int(d) for d in shape], dtype=np.dtype(spec.dtype))
-    return arrays
+        return None

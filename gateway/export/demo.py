@@ -223,11 +223,6 @@ def nllb_fast(tok: Tokenizer) -> NllbTokenizerFast:
     )
 
 
-def build_xlmr_tokenizer(texts: Iterable[str], vocab_size: int) -> XLMRobertaTokenizerFast:
-    """Train an XLM-R-style tokenizer on `texts` (for custom test checkpoints)."""
-    return xlmr_fast(train_xlmr(texts, vocab_size))
-
-
 def _save_demo(
     out: Path,
     model: torch.nn.Module,
