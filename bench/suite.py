@@ -32,19 +32,15 @@ from bench.gateway import GatewayProcess, server_split
 from bench.load import Call, LoadResult, closed_loop, open_loop, warm_up
 from bench.texts import TextMaker
 from gateway import __version__
+from gateway.export.demo import DEMO_MODELS, DemoModel
 from gateway.manifest import Manifest, Task, is_current
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
 
 Progress = Callable[[str], None]  # what the suite is doing now
 
-# served name -> (demo checkpoint, task)
-MODELS: dict[str, tuple[str, Task]] = {
-    "distilbert-demo": ("distilbert-demo", "embedding"),
-    "sat-demo": ("sat-demo", "token-classification"),
-    "distilbert-demo-fill-mask": ("distilbert-demo", "fill-mask"),
-    "nllb-demo": ("nllb-demo", "translation"),
-}
+# served name -> its demo checkpoint and task
+MODELS: dict[str, DemoModel] = {demo.name: demo for demo in DEMO_MODELS}
 
 
 @dataclass(frozen=True)
@@ -166,13 +162,15 @@ def prepare(settings: Settings, progress: Progress) -> None:
     from gateway.export.exporter import ExportOptions, export_model
 
     checkpoints = settings.work / "checkpoints"
-    sources = sorted({MODELS[m][0] for m in missing if not (checkpoints / MODELS[m][0]).is_dir()})
+    sources = sorted(
+        {MODELS[m].checkpoint for m in missing if not (checkpoints / MODELS[m].checkpoint).is_dir()}
+    )
     if sources:
         progress(f"building demo checkpoints ({settings.size})")
         build_demo_models(checkpoints, settings.size, seed=0, names=sources)  # type: ignore[arg-type]
     variants = tuple(dict.fromkeys(("fp32", *settings.variants)))  # fp32 is every variant's reference
     for name in missing:
-        source, task = MODELS[name]
+        source, task = MODELS[name].checkpoint, MODELS[name].task
         progress(f"exporting {name}")
         options = ExportOptions(task=task, variants=variants)  # type: ignore[arg-type]
         export_model(checkpoints / source, settings.work / "exports" / name, options)
@@ -356,7 +354,7 @@ def _encoder_baselines(
     results: Results,
     progress: Progress,
 ) -> None:
-    checkpoint = settings.work / "checkpoints" / MODELS[name][0]
+    checkpoint = settings.work / "checkpoints" / MODELS[name].checkpoint
     tokenizer = maker.tokenizer
     mask = manifest.special_tokens.mask_token or ""
     profile = settings.profile
@@ -400,7 +398,7 @@ def _translation_baselines(
     progress: Progress,
     produced: dict[str, dict[str, list[list[int]]]],
 ) -> None:
-    checkpoint = settings.work / "checkpoints" / MODELS[name][0]
+    checkpoint = settings.work / "checkpoints" / MODELS[name].checkpoint
     export = settings.work / "exports" / name
     info = manifest.translation
     eos = manifest.special_tokens.eos_id
@@ -558,7 +556,7 @@ def run_suite(settings: Settings, progress: Progress) -> Results:
         }
     )
     for name in settings.models:
-        _, task = MODELS[name]
+        task = MODELS[name].task
         export = settings.work / "exports" / name
         manifest = Manifest.read(export)
         maker = TextMaker(export / manifest.tokenizer_file)

@@ -29,8 +29,9 @@ from gateway.backends.onnxruntime import OrtSettings
 from gateway.config import ModelConfig, ServerConfig
 from gateway.decoding.engine import Engine
 from gateway.errors import InvalidInput
+from gateway.export.demo import DEMO_MODELS
 from gateway.interceptors import GatewayInterceptor
-from gateway.manifest import Task, is_current
+from gateway.manifest import is_current
 from gateway.metrics import Metrics
 from gateway.offload import behind_the_loop
 from gateway.pb.polyglot.v1 import polyglot_pb2, polyglot_pb2_grpc
@@ -51,19 +52,11 @@ HEALTH_POLL_SECONDS = 0.25  # how often model health follows backend readiness
 LIVENESS_SECONDS = 10.0
 SERVICE = polyglot_pb2.DESCRIPTOR.services_by_name["Polyglot"].full_name
 
-# The demo models `pgw serve --demo` builds and serves: (served name, demo checkpoint, export task).
-DEMO_MODELS: tuple[tuple[str, str, Task], ...] = (
-    ("sat-demo", "sat-demo", "token-classification"),
-    ("distilbert-demo", "distilbert-demo", "embedding"),
-    ("distilbert-demo-fill-mask", "distilbert-demo", "fill-mask"),
-    ("nllb-demo", "nllb-demo", "translation"),
-)
-
 
 def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
     """Build and export the tiny demo models under `directory` on first use (needs the export extra)."""
     exports = directory / "exports"
-    missing = [entry for entry in DEMO_MODELS if not is_current(exports / entry[0])]
+    missing = [demo for demo in DEMO_MODELS if not is_current(exports / demo.name)]
     if missing:
         try:
             from gateway.export.demo import build_demo_models
@@ -73,13 +66,15 @@ def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
                 "--demo builds its models with PyTorch: pip install 'polyglot-gateway[export]'"
             ) from exc
         checkpoints = directory / "checkpoints"
-        build_demo_models(checkpoints, "tiny", seed=0, names=sorted({source for _, source, _ in missing}))
-        for name, source, task in missing:
-            log.info("exporting demo model %s (%s)", name, task)
+        build_demo_models(checkpoints, "tiny", seed=0, names=sorted({demo.checkpoint for demo in missing}))
+        for demo in missing:
+            log.info("exporting demo model %s (%s)", demo.name, demo.task)
             export_model(
-                checkpoints / source, exports / name, ExportOptions(task=task, variants=("fp32", "int8"))
+                checkpoints / demo.checkpoint,
+                exports / demo.name,
+                ExportOptions(task=demo.task, variants=("fp32", "int8")),
             )
-    return tuple(ModelConfig(name=name, path=exports / name) for name, _, _ in DEMO_MODELS)
+    return tuple(ModelConfig(name=demo.name, path=exports / demo.name) for demo in DEMO_MODELS)
 
 
 def _task_model(

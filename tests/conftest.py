@@ -10,12 +10,6 @@ import pytest
 from gateway.manifest import Manifest, Task
 
 EXPORT_VARIANTS = ("fp32", "int8", "fp16")
-_SOURCES: dict[str, str] = {
-    "token-classification": "sat-demo",
-    "embedding": "distilbert-demo",
-    "fill-mask": "distilbert-demo",
-    "translation": "nllb-demo",
-}
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +26,7 @@ def exported(
     demo_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[Task], tuple[Path, Manifest]]:
     """task -> (export directory, manifest), each exported once with fp32, int8 and fp16."""
+    from gateway.export.demo import demo_for
     from gateway.export.exporter import ExportOptions, export_model
 
     cache: dict[str, tuple[Path, Manifest]] = {}
@@ -40,7 +35,7 @@ def exported(
         if task not in cache:
             out = tmp_path_factory.mktemp("export") / task
             manifest = export_model(
-                demo_dir / _SOURCES[task], out, ExportOptions(task=task, variants=EXPORT_VARIANTS)
+                demo_dir / demo_for(task).checkpoint, out, ExportOptions(task=task, variants=EXPORT_VARIANTS)
             )
             cache[task] = (out, manifest)
         return cache[task]

@@ -4,6 +4,9 @@ No machine here reaches a model hub, so tests, demos and benchmarks use models b
 the same checkpoint layout and the same tokenizer types as the published checkpoints, with random weights.
 `tiny` models build in seconds; `full` models have the published sizes (for speed work). Tokenizers are
 trained with `tokenizers` on the multilingual sample text the package ships (see `train_tokenizers`).
+
+`DEMO_MODELS` is the one table of the models made from them (what `pgw serve --demo`, the benchmark and the
+tests serve). It imports no PyTorch: the builders import it (and transformers) when they run.
 """
 
 from __future__ import annotations
@@ -13,31 +16,49 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (
-    DistilBertConfig,
-    DistilBertForMaskedLM,
-    DistilBertTokenizerFast,
-    GenerationConfig,
-    M2M100Config,
-    M2M100ForConditionalGeneration,
-    NllbTokenizerFast,
-    PreTrainedTokenizerFast,
-    XLMRobertaConfig,
-    XLMRobertaForTokenClassification,
-    XLMRobertaTokenizerFast,
-)
 
 from gateway.languages import flores200_codes
+from gateway.manifest import Task
 from gateway.samples import sample_sentences
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import (
+        DistilBertTokenizerFast,
+        NllbTokenizerFast,
+        PreTrainedTokenizerFast,
+        XLMRobertaTokenizerFast,
+    )
 
 Size = Literal["tiny", "full"]
 DEMO_MARKER = "polyglot_demo.json"
 SAT_DEMO, DISTILBERT_DEMO, NLLB_DEMO = "sat-demo", "distilbert-demo", "nllb-demo"
 DEMO_NAMES = (SAT_DEMO, DISTILBERT_DEMO, NLLB_DEMO)
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model served from a demo checkpoint: its served name, the checkpoint and the export task."""
+
+    name: str
+    checkpoint: str
+    task: Task
+
+
+DEMO_MODELS = (
+    DemoModel("sat-demo", SAT_DEMO, "token-classification"),
+    DemoModel("distilbert-demo", DISTILBERT_DEMO, "embedding"),
+    DemoModel("distilbert-demo-fill-mask", DISTILBERT_DEMO, "fill-mask"),
+    DemoModel("nllb-demo", NLLB_DEMO, "translation"),
+)
+
+
+def demo_for(task: Task) -> DemoModel:
+    """The demo model that serves `task`."""
+    return next(model for model in DEMO_MODELS if model.task == task)
 
 
 @dataclass(frozen=True)
@@ -186,6 +207,8 @@ def shipped_tokenizer(kind: str) -> Tokenizer:
 
 
 def xlmr_fast(tok: Tokenizer) -> XLMRobertaTokenizerFast:
+    from transformers import XLMRobertaTokenizerFast
+
     return XLMRobertaTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -200,6 +223,8 @@ def xlmr_fast(tok: Tokenizer) -> XLMRobertaTokenizerFast:
 
 
 def wordpiece_fast(tok: Tokenizer) -> DistilBertTokenizerFast:
+    from transformers import DistilBertTokenizerFast
+
     return DistilBertTokenizerFast(
         tokenizer_object=tok,
         do_lower_case=False,
@@ -215,6 +240,8 @@ def wordpiece_fast(tok: Tokenizer) -> DistilBertTokenizerFast:
 
 
 def nllb_fast(tok: Tokenizer) -> NllbTokenizerFast:
+    from transformers import NllbTokenizerFast
+
     return NllbTokenizerFast(
         tokenizer_object=tok,
         src_lang="eng_Latn",
@@ -253,6 +280,9 @@ def _as_wtpsplit_sat(config: dict[str, Any]) -> dict[str, Any]:
 
 def build_sat_demo(out: Path, size: Size, seed: int) -> Path:
     """`sat-demo`: a 1-label XLM-R token classifier saved as wtpsplit's `SubwordXLMForTokenClassification`."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForTokenClassification
+
     tokenizer = xlmr_fast(shipped_tokenizer("xlmr"))
     dims = {"vocab_size": len(tokenizer), **_SAT_SIZES[size]}
     config = XLMRobertaConfig(
@@ -273,6 +303,9 @@ def build_sat_demo(out: Path, size: Size, seed: int) -> Path:
 
 def build_distilbert_demo(out: Path, size: Size, seed: int) -> Path:
     """`distilbert-demo`: a cased DistilBERT with its masked-LM head (embeddings and fill-mask)."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
     tokenizer = wordpiece_fast(shipped_tokenizer("wordpiece"))
     dims = {"vocab_size": len(tokenizer), **_DISTILBERT_SIZES[size]}
     config = DistilBertConfig(**dims, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
@@ -284,6 +317,9 @@ def build_distilbert_demo(out: Path, size: Size, seed: int) -> Path:
 
 def build_nllb_demo(out: Path, size: Size, seed: int) -> Path:
     """`nllb-demo`: an M2M100 encoder-decoder with an NLLB tokenizer that knows every FLORES-200 code."""
+    import torch
+    from transformers import GenerationConfig, M2M100Config, M2M100ForConditionalGeneration
+
     tokenizer = nllb_fast(shipped_tokenizer("nllb"))
     dims = {"vocab_size": len(tokenizer), **_NLLB_SIZES[size]}
     config = M2M100Config(

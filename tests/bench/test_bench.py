@@ -133,7 +133,7 @@ def _work(tmp_path: Path, exported: Exported, demo_dir: Path, names: tuple[str, 
     (work / "checkpoints").mkdir(parents=True)
     (work / "exports").mkdir()
     for name in names:
-        source, task = MODELS[name]
+        source, task = MODELS[name].checkpoint, MODELS[name].task
         (work / "exports" / name).symlink_to(exported(task)[0])
         if not (work / "checkpoints" / source).exists():
             (work / "checkpoints" / source).symlink_to(demo_dir / source)

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from gateway.config import BatchingConfig, ModelConfig, ServerConfig
+from gateway.export.demo import DEMO_MODELS
 from gateway.manifest import Manifest, Task
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
 from gateway.server import GatewayServer
@@ -30,13 +31,9 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 async def gateway(exported: Exported) -> AsyncIterator[GatewayServer]:
     """fp32 variants, so replies can be compared with PyTorch at 1e-4."""
-    served: tuple[tuple[str, Task], ...] = (
-        ("sat-demo", "token-classification"),
-        ("distilbert-demo", "embedding"),
-        ("distilbert-demo-fill-mask", "fill-mask"),
-        ("nllb-demo", "translation"),
+    models = tuple(
+        ModelConfig(name=demo.name, path=exported(demo.task)[0], variant="fp32") for demo in DEMO_MODELS
     )
-    models = tuple(ModelConfig(name=name, path=exported(task)[0], variant="fp32") for name, task in served)
     config = ServerConfig.load(
         host="127.0.0.1",
         port=0,

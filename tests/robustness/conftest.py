@@ -19,18 +19,14 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.export.demo import DEMO_MODELS
 from gateway.manifest import Manifest, Task
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
 from tests.e2e.conftest import free_port
 
 Exported = Callable[[Task], tuple[Path, Manifest]]
-MODELS: tuple[tuple[str, Task], ...] = (
-    ("sat-demo", "token-classification"),
-    ("distilbert-demo", "embedding"),
-    ("distilbert-demo-fill-mask", "fill-mask"),
-    ("nllb-demo", "translation"),
-)
+MODELS: tuple[tuple[str, Task], ...] = tuple((demo.name, demo.task) for demo in DEMO_MODELS)
 LIMITS = {"max_texts": 8, "max_text_chars": 2000, "max_new_tokens": 12, "max_request_chars": 8000}
 
 

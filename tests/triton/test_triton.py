@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from gateway.config import BatchingConfig, ModelConfig, ServerConfig, TritonConfig
+from gateway.export.demo import DEMO_MODELS
 from gateway.manifest import Manifest, Task
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc
@@ -32,12 +33,7 @@ from tests.e2e.conftest import free_port
 
 Exported = Callable[[Task], tuple[Path, Manifest]]
 Stub = polyglot_pb2_grpc.PolyglotStub
-MODELS: tuple[tuple[str, Task], ...] = (
-    ("sat-demo", "token-classification"),
-    ("distilbert-demo", "embedding"),
-    ("distilbert-demo-fill-mask", "fill-mask"),
-    ("nllb-demo", "translation"),
-)
+MODELS: tuple[tuple[str, Task], ...] = tuple((demo.name, demo.task) for demo in DEMO_MODELS)
 TIGHT = "nllb-tight"  # a translation model whose Triton queue holds one request
 # A translation model whose Triton batcher waits 10 minutes for a full batch of 8: fewer requests stay queued
 # in Triton by construction, for as long as a test needs them in flight.

@@ -22,6 +22,7 @@ from gateway.decoding.batch import StepParts
 from gateway.decoding.engine import Engine
 from gateway.decoding.search import Decoded, DecodingOptions, GenerationItem, SamplingOptions
 from gateway.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
+from gateway.export.demo import DEMO_MODELS
 from gateway.manifest import Manifest, Task
 from gateway.triton.python_models import EncoderRunner, TranslationRunner, load_parts
 from gateway.triton.repository import TritonOptions, render_config, render_model_py, write_repository
@@ -256,12 +257,7 @@ def test_triton_errors_map_to_our_statuses(status: str, message: str, kind: type
 
 @pytest.mark.parametrize(
     ("name", "task"),
-    [
-        ("sat-demo", "token-classification"),
-        ("distilbert-demo", "embedding"),
-        ("distilbert-demo-fill-mask", "fill-mask"),
-        ("nllb-demo", "translation"),
-    ],
+    [(demo.name, demo.task) for demo in DEMO_MODELS],
 )
 def test_committed_model_repo_is_what_the_generator_writes(exported: Exported, name: str, task: Task) -> None:
     """model_repo/ holds the demo models' configs and model.py (`make model-repo`), not their weights."""
