@@ -464,8 +464,8 @@ def _with_triton(
     """The same gateway runs with the model on a tritonserver of its own (nvidia-pytriton's, Python flavor:
     the Triton build available on CPU here)."""
     from bench.gateway import free_port
+    from gateway.triton.process import Ports, TritonServer
     from gateway.triton.repository import TritonOptions, write_repository
-    from gateway.triton.server import Ports, TritonServer
 
     name, variant = target.name, target.variant
     repository = settings.work / "triton-repository" / f"{name}-{variant}"

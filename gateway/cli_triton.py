@@ -109,7 +109,7 @@ def up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait until every model is ready.")] = 180.0,
 ) -> None:
     """Start tritonserver in the background on a model repository and wait until it is ready."""
-    from gateway.triton.server import Ports, TritonServer, locate, read_state
+    from gateway.triton.process import Ports, TritonServer, locate, read_state
 
     state_dir = _state_dir(state_dir)
     try:
@@ -139,7 +139,7 @@ def down(
     state_dir: Annotated[Path | None, typer.Option(help="As given to `pgw triton up`.")] = None,
 ) -> None:
     """Stop the tritonserver `pgw triton up` started (SIGTERM, then SIGKILL after 20 s)."""
-    from gateway.triton.server import stop_recorded
+    from gateway.triton.process import stop_recorded
 
     pid = stop_recorded(_state_dir(state_dir))
     console.print("no tritonserver recorded" if pid is None else f"tritonserver (pid {pid}) stopped")

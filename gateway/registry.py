@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import InvalidInput, shown
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import BatchedTask
-from gateway.tasks.embedding import EmbeddingModel, FillMaskModel
+from gateway.tasks.embedding import EmbeddingModel
+from gateway.tasks.fill_mask import FillMaskModel
 from gateway.tasks.token_classification import TokenClassificationModel
 from gateway.tasks.translation import TranslationModel
 

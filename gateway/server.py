@@ -39,7 +39,8 @@ from gateway.registry import Registry, Served
 from gateway.runtime import LoadedModel, load_model, load_triton_model
 from gateway.servicer import PolyglotServicer
 from gateway.tasks.base import BatchedTask
-from gateway.tasks.embedding import EmbeddingModel, FillMaskModel
+from gateway.tasks.embedding import EmbeddingModel
+from gateway.tasks.fill_mask import FillMaskModel
 from gateway.tasks.token_classification import TokenClassificationModel
 from gateway.tasks.translation import TranslationModel
 

@@ -18,6 +18,7 @@ from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
 from gateway.registry import Registry, Served
 from gateway.tasks import embedding as emb
+from gateway.tasks import fill_mask as fm
 from gateway.tasks import token_classification as tc
 from gateway.tasks import translation as tr
 from gateway.tasks.base import Timing, Usage
@@ -264,9 +265,9 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
         started = time.perf_counter()
         served = self.registry.resolve("fill-mask", request.model)
         model = served.model
-        assert isinstance(model, emb.FillMaskModel)
+        assert isinstance(model, fm.FillMaskModel)
         result = await model.fill_mask(
-            emb.FillMaskInput(
+            fm.FillMaskInput(
                 texts=list(request.texts), top_k=request.top_k or 5, deadline=deadline_of(context)
             )
         )
@@ -358,7 +359,7 @@ def _embed_reply(model: str, result: emb.EmbedOutput, started: float) -> pb.Embe
     )
 
 
-def _fill_mask_reply(model: str, result: emb.FillMaskOutput, started: float) -> pb.FillMaskResponse:
+def _fill_mask_reply(model: str, result: fm.FillMaskOutput, started: float) -> pb.FillMaskResponse:
     return pb.FillMaskResponse(
         results=[
             pb.FilledText(

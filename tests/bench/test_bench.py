@@ -105,7 +105,7 @@ def test_quick_bench_runs_every_part(exported: Exported, demo_dir: Path, tmp_pat
 
 def test_quick_bench_on_triton(exported: Exported, tmp_path: Path) -> None:
     """The Triton rows: the same runs with the model on a local tritonserver."""
-    from gateway.triton.server import TritonServerError, locate
+    from gateway.triton.process import TritonServerError, locate
 
     try:
         locate()

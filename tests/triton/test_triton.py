@@ -41,7 +41,7 @@ HELD = "nllb-held"
 
 
 def _installed() -> bool:
-    from gateway.triton.server import TritonServerError, locate
+    from gateway.triton.process import TritonServerError, locate
 
     try:
         locate()
@@ -55,7 +55,7 @@ if not _installed():
         raise RuntimeError("PGW_REQUIRE_TRITON is set but no tritonserver is installed")
     pytest.skip("no tritonserver: pip install --no-deps nvidia-pytriton", allow_module_level=True)
 
-from gateway.triton.server import Ports, TritonServer  # noqa: E402
+from gateway.triton.process import Ports, TritonServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
