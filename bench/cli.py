@@ -52,7 +52,9 @@ def bench(
     ] = None,
 ) -> None:
     """Benchmark the gateway against PyTorch, ONNX Runtime and CTranslate2 on the same inputs."""
-    from bench.suite import MODELS, PROFILES, Settings, run_suite, save
+    from bench.profiles import MODELS, PROFILES, Settings
+    from bench.report import publish
+    from bench.suite import run_suite
 
     if rewrite_report is not None:
         from bench.report import rewrite
@@ -115,7 +117,7 @@ def bench(
             progress.update(bar, description=description, advance=1)
 
         results = run_suite(settings, step)
-    save(results, out)
+    publish(results, out)
     console.print(f"results: {out}/results.json, report.md and plots ({results.meta['seconds']} s)")
 
 

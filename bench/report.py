@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from bench.suite import Results
+from bench.compare import comparisons
+from bench.results import Results, read_json, write_json
 
 
 def _f(value: Any, digits: int = 2) -> str:
@@ -173,10 +173,14 @@ def write_plots(results: Results, out: Path) -> list[Path]:
     return written
 
 
+def publish(results: Results, out: Path) -> None:
+    """The comparisons, then results.json, report.md and the plots under `out`."""
+    results.comparisons = comparisons(results)
+    write_json(results, out)
+    write_markdown(results, out / "report.md")
+    write_plots(results, out)
+
+
 def rewrite(out: Path) -> None:
     """Rewrite report.md and the plots of an existing results directory from its results.json."""
-    import json
-
-    from bench.suite import Results, save
-
-    save(Results(**json.loads((out / "results.json").read_text(encoding="utf-8"))), out)
+    publish(read_json(out), out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
@@ -291,14 +292,20 @@ def serve(
         raise _fail(exc) from exc
 
 
+def _register_plugins(app: typer.Typer) -> None:
+    """Commands other packages add to `pgw` (`pgw bench`, from bench/) through the entry points of the
+    group `polyglot_gateway.commands`: each names a function that takes the app."""
+    for entry in entry_points(group="polyglot_gateway.commands"):
+        try:
+            register = entry.load()
+        except ImportError:  # pragma: no cover - an install without that command's package
+            continue
+        register(app)
+
+
 register_client_commands(app, models_app)
 register_triton_commands(app)
-try:  # `pgw bench` is in bench/, installed with the package from a source checkout
-    from bench.cli import register as register_bench_command
-except ImportError:  # pragma: no cover - a wheel without bench/
-    pass
-else:
-    register_bench_command(app)
+_register_plugins(app)
 
 
 def main() -> None:

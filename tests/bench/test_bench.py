@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from bench import baselines
 from bench.load import closed_loop, open_loop
-from bench.suite import MODELS, PROFILES
+from bench.profiles import MODELS, PROFILES
 from bench.texts import LANGUAGES, TextMaker
 from gateway.cli import app
 from gateway.manifest import Manifest, Task

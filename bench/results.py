@@ -1,0 +1,64 @@
+"""What a benchmark run measured (`Results`), the machine it ran on, and its results.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import baselines
+from gateway import __version__
+
+
+@dataclass
+class Results:
+    meta: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)  # gateway load runs
+    shapes: list[dict[str, Any]] = field(default_factory=list)  # gateway and baselines on the fixed shapes
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    agreement: list[dict[str, Any]] = field(default_factory=list)
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": baselines.threads(),
+        "python": platform.python_version(),
+        "gateway": __version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for package in ("torch", "transformers", "ctranslate2", "tritonclient"):
+        try:
+            info[package] = __import__(package).__version__
+        except Exception:
+            info[package] = None
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    return info
+
+
+def write_json(results: Results, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results.__dict__, indent=1), encoding="utf-8")
+
+
+def read_json(out: Path) -> Results:
+    return Results(**json.loads((out / "results.json").read_text(encoding="utf-8")))
