@@ -58,9 +58,6 @@ def client_message(exc: BaseException, request_id: str) -> str:
     return f"internal error (request id {request_id}); the server log has the details"
 
 
-ModelLabel = Callable[[str, Any], str]  # (rpc name, request message) -> the served model's name, or "-"
-
-
 @dataclass(frozen=True)
 class Undecodable:
     """What a request that does not parse becomes, so that the interceptor can answer INVALID_ARGUMENT."""
@@ -92,12 +89,10 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
         self,
         metrics: Metrics,
-        model_label: ModelLabel,
         keys: ApiKeys | None = None,
         admission: Admission | None = None,
     ) -> None:
         self.metrics = metrics
-        self.model_label = model_label
         self.keys = keys or ApiKeys()
         self.admission = admission or Admission(max_in_flight=1 << 30)
         # Request ids: a random prefix per process and a counter (uuid4 per request costs a system call).
@@ -178,10 +173,9 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
             async with _Guard(self, rpc, context) as guard:
                 _refuse_undecodable(request, rpc)
-                guard.outcome.model = label = self.model_label(rpc, request)
                 async with _answer_before_deadline(context):
                     response = await behavior(request, context)
-                self._count_tokens(label, response)
+                self._count_tokens(guard.outcome.model, response)
                 return response
 
         return wrapped
@@ -192,9 +186,8 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             async with _Guard(self, rpc, context) as guard:
                 _refuse_undecodable(request, rpc)
-                guard.outcome.model = label = self.model_label(rpc, request)
                 async for response in behavior(request, context):
-                    self._count_tokens(label, response)
+                    self._count_tokens(guard.outcome.model, response)
                     yield response
 
         return wrapped
@@ -203,7 +196,7 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, behavior: Callable[..., Awaitable[Any]]
     ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(requests: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
-            async with _Guard(self, rpc, context):
+            async with _Guard(self, rpc, context, labelled=False):
                 response = await behavior(_checked(requests, rpc), context)
                 self._count_tokens(_NO_MODEL, response)
                 return response
@@ -214,7 +207,7 @@ class GatewayInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         self, rpc: str, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
-            async with _Guard(self, rpc, context):
+            async with _Guard(self, rpc, context, labelled=False):
                 async for response in behavior(_checked(requests, rpc), context):
                     self._count_tokens(_NO_MODEL, response)
                     yield response
@@ -227,11 +220,15 @@ class _Guard:
     (`GatewayInterceptor._admitted`); on the way out, domain errors become statuses, and a call that was
     cancelled is counted as CANCELLED or DEADLINE_EXCEEDED. Never swallows an exception."""
 
-    def __init__(self, interceptor: GatewayInterceptor, rpc: str, context: aio.ServicerContext) -> None:
+    def __init__(
+        self, interceptor: GatewayInterceptor, rpc: str, context: aio.ServicerContext, labelled: bool = True
+    ) -> None:
         self.interceptor, self.rpc, self.context = interceptor, rpc, context
         self.request_id = ""
         self._stack = ExitStack()
         self.outcome = self._stack.enter_context(interceptor.metrics.request(rpc))
+        # A stream's requests may name different models: the stream itself is labelled "-".
+        self.labelled = labelled
 
     async def __aenter__(self) -> _Guard:
         try:
@@ -255,7 +252,12 @@ class _Guard:
             elif isinstance(exc, Exception):
                 await self._fail(exc)
         finally:
-            self._stack.close()
+            self._close()
+
+    def _close(self) -> None:
+        if not self.labelled:
+            self.outcome.model = _NO_MODEL
+        self._stack.close()
 
     async def _fail(self, exc: BaseException) -> NoReturn:
         """Record the error's status (metrics, admission released), then send it: a client that has its
@@ -264,7 +266,7 @@ class _Guard:
             code, details = self.interceptor._status(exc, self.rpc, self.request_id)
             self.outcome.code = code.name
         finally:
-            self._stack.close()
+            self._close()
         await self.context.abort(code, details)
         raise RuntimeError("context.abort returned")  # it raises AbortError
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,17 @@ class Outcome:
 
     code: str = "OK"
     model: str = "-"
+
+
+_REQUEST: ContextVar[Outcome | None] = ContextVar("pgw_request_outcome", default=None)
+
+
+def label_request(model: str) -> None:
+    """Name the model of the request being served (its metrics label): called where the request's model is
+    looked up, so that every request is looked up once."""
+    outcome = _REQUEST.get()
+    if outcome is not None:
+        outcome.model = model
 
 
 Probe = Callable[[], tuple[bool, dict[str, Any]]]  # (passes, what to say about it)
@@ -165,9 +177,11 @@ class Metrics:
         """Time one rpc and count it by the model and status code left in the outcome."""
         outcome = Outcome()
         started = time.perf_counter()
+        token = _REQUEST.set(outcome)
         try:
             yield outcome
         finally:
+            _REQUEST.reset(token)
             self.request_seconds.labels(rpc, outcome.model).observe(time.perf_counter() - started)
             self.requests.labels(rpc, outcome.model, outcome.code).inc()
 

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class LoadedModel:
-    """An exported model ready to run: what the task models are built from."""
+    """An exported model ready to run: what the task models are built from. In-process, `parts` holds an
+    ONNX Runtime session per ONNX part of the variant; on Triton, `remote` is the Triton model that runs
+    the whole of it (an encoder, or translation's engine) and `parts` is empty."""
 
     name: str
     directory: Path
@@ -28,22 +30,31 @@ class LoadedModel:
     variant: Variant
     parts: dict[str, Backend]
     tokenizer: TextTokenizer
+    remote: Backend | None = None
 
     @property
     def backend(self) -> Backend:
-        """The single part of an encoder model."""
-        return self.parts["model"]
+        """What runs an encoder: its one ONNX part, or its Triton model."""
+        return self.remote if self.remote is not None else self.parts["model"]
+
+    @property
+    def runner(self) -> Backend:
+        """The backend that describes where the model runs (its first part, or its Triton model)."""
+        return self.remote if self.remote is not None else next(iter(self.parts.values()))
+
+    def _all(self) -> list[Backend]:
+        return [*self.parts.values(), *([self.remote] if self.remote is not None else [])]
 
     @property
     def ready(self) -> bool:
-        return all(part.ready for part in self.parts.values())
+        return all(part.ready for part in self._all())
 
     async def start(self) -> None:
-        for part in self.parts.values():
+        for part in self._all():
             await part.start()
 
     async def close(self) -> None:
-        for part in self.parts.values():
+        for part in self._all():
             await part.close()
 
 
@@ -102,12 +113,11 @@ def load_triton_model(
     name: str, directory: Path, pool: TritonPool, variant: str | None, triton_model: str | None
 ) -> LoadedModel:
     """A model served by Triton: manifest and tokenizer from the export directory (its ONNX files are not
-    opened here); one remote part, `model` for encoders and `generate` for translation."""
+    opened here); the Triton model runs it whole."""
     from gateway.backends.triton import TritonBackend
     from gateway.triton.repository import model_name
 
     manifest = read_manifest(directory)
     chosen = manifest.variants[choose_variant(manifest, "cpu", variant)]
     remote = TritonBackend(pool, triton_model or model_name(directory.name, chosen.name))
-    part = "generate" if manifest.task == "translation" else "model"
-    return LoadedModel(name, directory, manifest, chosen, {part: remote}, _tokenizer(directory, manifest))
+    return LoadedModel(name, directory, manifest, chosen, {}, _tokenizer(directory, manifest), remote)

@@ -35,7 +35,7 @@ from gateway.manifest import is_current
 from gateway.metrics import Metrics
 from gateway.offload import behind_the_loop
 from gateway.pb.polyglot.v1 import polyglot_pb2, polyglot_pb2_grpc
-from gateway.registry import Registry, Served
+from gateway.registry import Registry, Served, TaskModel
 from gateway.runtime import LoadedModel, load_model, load_triton_model
 from gateway.servicer import PolyglotServicer
 from gateway.tasks.base import BatchedTask
@@ -78,9 +78,7 @@ def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
     return tuple(ModelConfig(name=demo.name, path=exports / demo.name) for demo in DEMO_MODELS)
 
 
-def _task_model(
-    loaded: LoadedModel, config: ServerConfig, model: ModelConfig, metrics: Metrics
-) -> BatchedTask[Any, Any]:
+def _task_model(loaded: LoadedModel, config: ServerConfig, model: ModelConfig, metrics: Metrics) -> TaskModel:
     settings = (model.batching or config.batching).settings(remote=model.backend == "triton")
     observer = metrics.batch_observer(model.name, loaded.variant.name)
     limits = config.limits.text_limits()
@@ -113,31 +111,32 @@ def _rows(engine: Engine) -> int:
     return engine.rows_in_flight
 
 
-def _triton_pool(config: ServerConfig, registry: Registry) -> TritonPool:
-    """The server's one pool of Triton endpoints, made on first use (tritonclient is the triton extra)."""
-    if registry.triton is None:
-        try:
-            from gateway.backends.triton import TritonPool
-        except ImportError as exc:
-            raise InvalidInput(
-                "backend: triton needs tritonclient: pip install 'polyglot-gateway[triton]'"
-            ) from exc
-        t = config.triton
-        registry.triton = TritonPool(t.endpoints, t.health_interval_s, t.timeout_s)
-    return registry.triton
+def triton_pool(config: ServerConfig) -> TritonPool | None:
+    """The server's one pool of Triton endpoints, when a model runs there (tritonclient is the triton
+    extra)."""
+    if not any(model.backend == "triton" for model in config.models):
+        return None
+    try:
+        from gateway.backends.triton import TritonPool
+    except ImportError as exc:
+        raise InvalidInput(
+            "backend: triton needs tritonclient: pip install 'polyglot-gateway[triton]'"
+        ) from exc
+    t = config.triton
+    return TritonPool(t.endpoints, t.health_interval_s, t.timeout_s)
 
 
-def build_registry(config: ServerConfig, metrics: Metrics) -> Registry:
-    """Load every configured model and its task model (batchers not started)."""
+def build_registry(config: ServerConfig, metrics: Metrics, triton: TritonPool | None = None) -> Registry:
+    """Load every configured model and its task model (not started); `triton`: the pool the models with
+    backend triton use."""
     models = config.models + (prepare_demo(config.demo_dir) if config.demo else ())
     if not models:
         raise InvalidInput("no models to serve: list them in the config file (models:) or pass --demo")
     registry = Registry()
     for model in models:
         if model.backend == "triton":
-            loaded = load_triton_model(
-                model.name, model.path, _triton_pool(config, registry), model.variant, model.triton_model
-            )
+            assert triton is not None, "triton_pool(config) makes the pool of the models on Triton"
+            loaded = load_triton_model(model.name, model.path, triton, model.variant, model.triton_model)
         else:
             device = model.device or config.device
             settings = OrtSettings(
@@ -149,28 +148,21 @@ def build_registry(config: ServerConfig, metrics: Metrics) -> Registry:
             loaded = load_model(model.name, model.path, settings, model.variant, executor)
         loaded.tokenizer.observer = metrics.tokenization_seconds.labels(model.name).observe
         task_model = _task_model(loaded, config, model, metrics)
-        registry.add(Served(model.name, loaded.manifest.task, loaded, task_model, model.default))
-        backend = loaded.backend if "model" in loaded.parts else next(iter(loaded.parts.values()))
-        metrics.set_model_info(
-            model.name,
-            loaded.manifest.task,
-            loaded.variant.name,
-            backend.name,
-            backend.device,
-            backend.provider,
-        )
+        registry.add(Served(model.name, task_model, model.default))
+        d = task_model.describe()
+        metrics.set_model_info(model.name, d.task, d.variant, d.backend, d.device, d.provider)
         metrics.track_queue_depth(model.name, loaded.variant.name, partial(_depth, task_model))
         if isinstance(task_model, TranslationModel) and task_model.engine is not None:
             metrics.track_engine_rows(model.name, loaded.variant.name, partial(_rows, task_model.engine))
         log.info(
             "model %s: task %s, variant %s, %s on %s (%s)%s",
             model.name,
-            loaded.manifest.task,
-            loaded.variant.name,
-            backend.name,
-            backend.device,
-            backend.provider,
-            ", random weights (demo)" if loaded.manifest.source.random_weights else "",
+            d.task,
+            d.variant,
+            d.backend,
+            d.device,
+            d.provider,
+            ", random weights (demo)" if d.random_weights else "",
         )
     return registry
 
@@ -228,10 +220,11 @@ class GatewayServer:
         self.config = config
         self.keys = ApiKeys(config.api_key, config.api_key_file)
         self.metrics = metrics or Metrics()
-        self.registry = registry or build_registry(config, self.metrics)
+        self.triton = triton_pool(config) if registry is None else None
+        self.registry = registry or build_registry(config, self.metrics, self.triton)
         self.admission = Admission(config.limits.max_in_flight)
         self.health = _Health()
-        interceptor = GatewayInterceptor(self.metrics, self.registry.label, self.keys, self.admission)
+        interceptor = GatewayInterceptor(self.metrics, self.keys, self.admission)
         self.server = aio.server(
             interceptors=[interceptor],
             options=[
@@ -289,9 +282,7 @@ class GatewayServer:
                 self.config.tls,
                 {"/healthz": self._liveness, "/readyz": self._readiness},
             )
-        for entry in self.registry.all():
-            await entry.loaded.start()
-            entry.model.start()
+        await self.registry.start()
         await self.server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
@@ -325,7 +316,7 @@ class GatewayServer:
     async def _update_health(self) -> None:
         """Each model's health follows its backend: NOT_SERVING while Triton has it nowhere ready."""
         for entry in self.registry.all():
-            ready = entry.loaded.ready
+            ready = entry.model.ready
             if self._serving.get(entry.name) != ready:
                 self._serving[entry.name] = ready
                 status = health_pb2.HealthCheckResponse
@@ -386,6 +377,8 @@ class GatewayServer:
             )
         await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
         await self.registry.close()
+        if self.triton is not None:
+            await self.triton.close()
         if self._stop_metrics is not None:
             self._stop_metrics()
         self._stopped.set()

@@ -282,10 +282,8 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
         return pb.ListModelsResponse(models=[self._model_info(entry) for entry in self.registry.all()])
 
     def _model_info(self, entry: Served) -> pb.ModelInfo:
-        name = entry.name
-        manifest, variant = entry.loaded.manifest, entry.loaded.variant
-        backend = next(iter(entry.loaded.parts.values()))
-        report = variant.accuracy
+        d = entry.model.describe()
+        report = d.accuracy
         accuracy = None
         if report is not None:
             accuracy = pb.AccuracyReport(
@@ -297,28 +295,24 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                     for k, v in report.metrics.items()
                 ],
             )
-        info = pb.ModelInfo(
-            name=name,
-            task=manifest.task,
-            backend=backend.name,
-            device=backend.device,
-            variant=variant.name,
-            provider=backend.provider,
-            max_input_tokens=manifest.max_input_tokens,
+        return pb.ModelInfo(
+            name=entry.name,
+            task=d.task,
+            backend=d.backend,
+            device=d.device,
+            variant=d.variant,
+            provider=d.provider,
+            max_input_tokens=d.max_input_tokens,
             accuracy=accuracy,
-            source=f"{manifest.source.name} sha256:{manifest.source.sha256[:16]}",
-            random_weights=manifest.source.random_weights,
-            ready=entry.loaded.ready,
-            is_default=self.registry.is_default(name),
+            source=d.source,
+            random_weights=d.random_weights,
+            ready=d.ready,
+            is_default=self.registry.is_default(entry.name),
+            languages=d.languages,
+            max_new_tokens=d.max_new_tokens,
+            labels=d.labels,
+            dimensions=d.dimensions,
         )
-        if manifest.translation is not None:
-            info.languages.extend(manifest.translation.languages)
-            info.max_new_tokens = manifest.translation.max_new_tokens
-        if manifest.token_classification is not None:
-            info.labels.extend(manifest.token_classification.labels)
-        if manifest.embedding is not None:
-            info.dimensions = manifest.embedding.dimensions
-        return info
 
 
 # ----------------------------------------------------------------------------------------------- replies

@@ -6,11 +6,12 @@ import collections
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Reservation, Timed
 from gateway.errors import InvalidInput, Overloaded
+from gateway.manifest import AccuracyReport
 from gateway.runtime import LoadedModel
 
 In = TypeVar("In")
@@ -115,9 +116,34 @@ class Throughput:
         return rows / max(span, 0.05)
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a served model is and where it runs: what ListModels answers, the metrics' model_info and the
+    startup log say about it."""
+
+    name: str
+    task: str
+    variant: str
+    backend: str  # "onnxruntime" | "triton"
+    device: str
+    provider: str
+    max_input_tokens: int
+    source: str  # the checkpoint it was exported from, and the start of its hash
+    random_weights: bool
+    ready: bool
+    accuracy: AccuracyReport | None
+    languages: list[str] = field(default_factory=list)  # translation
+    max_new_tokens: int = 0  # translation: the most tokens a request may ask for
+    labels: list[str] = field(default_factory=list)  # token classification
+    dimensions: int = 0  # embedding
+
+
 class BatchedTask(Generic[In, Out]):
-    """What every task model shares: its exported model, request limits, admission, and one batcher over
-    `_run`."""
+    """What every task model shares: its exported model, request limits, admission, one batcher over
+    `_run`, and its lifecycle: `start` connects the model's parts and takes work, `close` drains and
+    releases them."""
+
+    task: str
 
     def __init__(
         self, model: LoadedModel, settings: BatcherSettings, observer: Observer | None, limits: TextLimits
@@ -134,11 +160,47 @@ class BatchedTask(Generic[In, Out]):
         """Items waiting to run."""
         return self.batcher.queue_depth
 
-    def start(self) -> None:
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def ready(self) -> bool:
+        """Whether its parts can run now (a Triton model: whether the server has it ready)."""
+        return self.model.ready
+
+    async def start(self) -> None:
+        await self.model.start()
+        self._take_work()
+
+    def _take_work(self) -> None:
         self.batcher.start()
 
     async def close(self) -> None:
         await self.batcher.close()
+        await self.model.close()
+
+    def describe(self) -> ModelDescription:
+        model, manifest = self.model, self.model.manifest
+        runner = model.runner
+        return ModelDescription(
+            name=model.name,
+            task=manifest.task,
+            variant=model.variant.name,
+            backend=runner.name,
+            device=runner.device,
+            provider=runner.provider,
+            max_input_tokens=manifest.max_input_tokens,
+            source=f"{manifest.source.name} sha256:{manifest.source.sha256[:16]}",
+            random_weights=manifest.source.random_weights,
+            ready=model.ready,
+            accuracy=model.variant.accuracy,
+            **self._details(),
+        )
+
+    def _details(self) -> dict[str, Any]:
+        """The task's own fields of its description."""
+        return {}
 
     @contextmanager
     def admitted(self, rows: int, deadline: float | None) -> Iterator[None]:

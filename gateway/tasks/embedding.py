@@ -6,7 +6,7 @@ Each text is one batcher item; a batch pads its items to the longest and runs th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -67,6 +67,9 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
         self.dimensions = info.dimensions
         self._outputs = info.outputs
         super().__init__(model, settings, observer, limits)
+
+    def _details(self) -> dict[str, Any]:
+        return {"dimensions": self.dimensions}
 
     def _output_name(self, pooling: Pooling, normalize: bool) -> str:
         return self._outputs[f"{pooling}_normalized" if normalize else pooling]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -250,6 +250,9 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
             "logits"
         ]
         return [logits[i, : len(row)].astype(np.float32) for i, row in enumerate(rows)]
+
+    def _details(self) -> dict[str, Any]:
+        return {"labels": list(self.info.labels)}
 
     def _threshold(self, threshold: float | None) -> float:
         value = threshold if threshold is not None else (self.info.default_threshold or 0.5)

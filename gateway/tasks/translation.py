@@ -10,6 +10,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.batcher import BatcherSettings, Observer
 from gateway.decoding.batch import StepParts
@@ -84,7 +85,7 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         # The smaller of the export's and the server's caps on generated tokens.
         self.max_new_tokens = min(info.max_new_tokens, max_new_tokens or info.max_new_tokens)
         self.engine: Engine | None = None
-        if "generate" not in model.parts:  # in-process: the engine; else Triton runs it
+        if model.remote is None:  # in-process: the engine; else Triton runs it
             engine_settings = EngineSettings(
                 settings.max_batch_size, settings.max_batch_tokens, settings.max_queue_size, scheduling
             )
@@ -97,22 +98,26 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
     def queue_depth(self) -> int:
         return self.engine.waiting if self.engine is not None else self.batcher.queue_depth
 
-    def start(self) -> None:
+    def _take_work(self) -> None:
         if self.engine is not None:
             self.engine.start()
         else:
-            super().start()
+            super()._take_work()
 
     async def close(self) -> None:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.close)
         await super().close()
 
+    def _details(self) -> dict[str, Any]:
+        return {"languages": list(self.info.languages), "max_new_tokens": self.max_new_tokens}
+
     async def _run(self, items: list[GenerationItem]) -> list[Decoded]:
         """A batch for Triton's translation model (the remote path)."""
         from gateway.triton.wire import pack_items, unpack_decoded
 
-        return unpack_decoded(await self.model.parts["generate"].run(pack_items(items, self.pad)))
+        assert self.model.remote is not None
+        return unpack_decoded(await self.model.remote.run(pack_items(items, self.pad)))
 
     async def _decode(
         self, items: list[GenerationItem], deadline: float | None, sink: TokenSink | None = None

@@ -275,7 +275,7 @@ async def test_the_interceptor_covers_every_handler_kind() -> None:
         "US": grpc.unary_stream_rpc_method_handler(unary_stream, identity, identity),
         "SU": grpc.stream_unary_rpc_method_handler(stream_unary, identity, identity),
     }
-    interceptor = GatewayInterceptor(Metrics(), lambda rpc, request: "-", ApiKeys(KEY), Admission(10))
+    interceptor = GatewayInterceptor(Metrics(), ApiKeys(KEY), Admission(10))
     server = aio.server(interceptors=[interceptor])
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Kinds", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")

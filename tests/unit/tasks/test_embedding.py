@@ -28,7 +28,7 @@ SETTINGS = BatcherSettings(max_batch_size=8, max_queue_delay_ms=2)
 async def embedder(exported: Exported) -> AsyncIterator[EmbeddingModel]:
     out, _ = exported("embedding")
     model = EmbeddingModel(load_model("emb", out, OrtSettings(), variant="fp32"), SETTINGS)
-    model.start()
+    await model.start()
     yield model
     await model.close()
 

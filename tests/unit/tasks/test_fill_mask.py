@@ -27,7 +27,7 @@ SETTINGS = BatcherSettings(max_batch_size=8, max_queue_delay_ms=2)
 async def filler(exported: Exported) -> AsyncIterator[FillMaskModel]:
     out, _ = exported("fill-mask")
     model = FillMaskModel(load_model("mlm", out, OrtSettings(), variant="fp32"), SETTINGS)
-    model.start()
+    await model.start()
     yield model
     await model.close()
 

@@ -37,7 +37,7 @@ SETTINGS = BatcherSettings(max_batch_size=8, max_queue_delay_ms=2)
 async def sat(exported: Exported) -> AsyncIterator[TokenClassificationModel]:
     out, _ = exported("token-classification")
     model = TokenClassificationModel(load_model("sat", out, OrtSettings(), variant="fp32"), SETTINGS)
-    model.start()
+    await model.start()
     yield model
     await model.close()
 
@@ -248,7 +248,7 @@ def ner_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 async def test_classify_ner_labels_and_spans(ner_export: tuple[Path, Path]) -> None:
     checkpoint, out = ner_export
     model = TokenClassificationModel(load_model("ner", out, OrtSettings(), variant="fp32"), SETTINGS)
-    model.start()
+    await model.start()
     try:
         text = "Maria Schmidt flew from Lisbon to Nairobi with Ahmed on Monday."
         labels = await model.classify(ClassifyInput([text], format="labels", scores="logits"))

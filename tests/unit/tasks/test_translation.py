@@ -31,7 +31,7 @@ GERMAN = [s.text for s in probe_sentences(per_language=2) if s.lang == "deu_Latn
 async def translator(varied_nllb: tuple[Path, Path]) -> AsyncIterator[TranslationModel]:
     settings = BatcherSettings(max_queue_delay_ms=2)
     model = TranslationModel(load_model("nllb", varied_nllb[1], OrtSettings(), variant="fp32"), settings)
-    model.start()
+    await model.start()
     yield model
     await model.close()
 
