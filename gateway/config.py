@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
-    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    YamlConfigSettingsSource,
 )
 
 from gateway.batcher import BatcherSettings
@@ -151,8 +151,6 @@ class ServerConfig(BaseSettings):
     api_key_file: Path | None = None  # one key per line; re-read on SIGHUP
     tls: TlsConfig | None = None
 
-    _yaml_values: ClassVar[dict[str, Any]] = {}
-
     @field_validator("demo_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -167,27 +165,28 @@ class ServerConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, InitSettingsSource(settings_cls, dict(cls._yaml_values))
+        """Flags, then `PGW_*` variables, then the YAML file (`model_config["yaml_file"]`, set by `load`)."""
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
 
     @classmethod
     def load(cls, file: Path | None = None, **flags: Any) -> ServerConfig:
         """Settings from `file` (YAML), then `PGW_*` variables, then `flags` (None values are ignored)."""
-        values: dict[str, Any] = {}
+        settings_cls = cls
         if file is not None:
             if not file.is_file():
                 raise InvalidInput(f"config file {file} does not exist")
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-            if not isinstance(loaded, dict):
-                raise InvalidInput(f"config file {file} must hold a mapping of settings")
-            values = loaded
-        cls._yaml_values = values
+            # the file is the class's setting in pydantic-settings: a subclass per file, nothing shared
+            config = SettingsConfigDict(
+                **{**cls.model_config, "yaml_file": file, "yaml_file_encoding": "utf-8"}
+            )
+            settings_cls = type(cls.__name__, (cls,), {"model_config": config, "__module__": cls.__module__})
         try:
-            return cls(**{k: v for k, v in flags.items() if v is not None})
+            return settings_cls(**{k: v for k, v in flags.items() if v is not None})
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(part) for part in error['loc']) or 'config'}: {error['msg']}"
                 for error in exc.errors()
             )
             raise InvalidInput(f"invalid settings: {problems}") from None
-        finally:
-            cls._yaml_values = {}
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:  # not YAML, or not a mapping
+            raise InvalidInput(f"config file {file} must hold a mapping of settings: {exc}") from None

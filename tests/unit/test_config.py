@@ -41,6 +41,23 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(InvalidInput, match="mapping"):
         ServerConfig.load(bad)
+    bad.write_text("port: [\n")
+    with pytest.raises(InvalidInput, match="mapping of settings: while parsing"):
+        ServerConfig.load(bad)
+
+
+def test_each_load_reads_its_own_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is no class-level state: loads of different files do not see each other's settings."""
+    monkeypatch.delenv("PGW_PORT", raising=False)
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("port: 1111\nbatching: {max_batch_size: 3}\n")
+    second.write_text("port: 2222\n")
+    a, b, plain = ServerConfig.load(first), ServerConfig.load(second), ServerConfig.load()
+    assert (a.port, a.batching.max_batch_size) == (1111, 3)
+    assert (b.port, b.batching.max_batch_size) == (2222, ServerConfig.load().batching.max_batch_size)
+    assert plain.port == 50051
+    assert isinstance(a, ServerConfig)
+    assert a.model_copy(update={"port": 0}).port == 0
 
 
 def test_the_cache_follows_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
