@@ -73,7 +73,8 @@ def _preload_cuda_libraries() -> None:
         preload()
 
 
-def _specs(values: Sequence[Any]) -> list[TensorSpec]:
+def tensor_specs(values: Sequence[Any]) -> list[TensorSpec]:
+    """The names, dtypes and shapes of a session's inputs or outputs."""
     return [TensorSpec(name=v.name, dtype=_DTYPES.get(v.type, v.type), shape=list(v.shape)) for v in values]
 
 
@@ -95,8 +96,8 @@ class OnnxRuntimeBackend:
         self.provider = self.session.get_providers()[0]
         self.device = f"cuda:{settings.device_id}" if self.provider in (CUDA, TENSORRT) else "cpu"
         self._executor = executor
-        self._inputs = _specs(self.session.get_inputs())
-        self._outputs = _specs(self.session.get_outputs())
+        self._inputs = tensor_specs(self.session.get_inputs())
+        self._outputs = tensor_specs(self.session.get_outputs())
         self._input_names = {spec.name for spec in self._inputs}
         # IO binding on a GPU. On a CPU it costs more Python per run than the copies it saves.
         self.io_binding = self.device != "cpu"

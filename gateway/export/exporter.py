@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from gateway import __version__
+from gateway.backends.onnxruntime import tensor_specs
 from gateway.errors import ExportError, InvalidInput
 from gateway.export import accuracy, loaders
 from gateway.export import onnx as onnx_export
@@ -32,7 +33,6 @@ from gateway.manifest import (
     Source,
     SpecialTokens,
     Task,
-    TensorSpec,
     TokenClassificationInfo,
     TranslationInfo,
     Variant,
@@ -76,15 +76,6 @@ class ExportOptions:
         return ["load checkpoint", "export fp32", *made, *measured, "write manifest"]
 
 
-def _tensor_specs(values: list[Any]) -> list[TensorSpec]:
-    def dtype(onnx_type: str) -> str:
-        return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}.get(
-            onnx_type, onnx_type
-        )
-
-    return [TensorSpec(name=v.name, dtype=dtype(v.type), shape=list(v.shape)) for v in values]
-
-
 def _part(path: Path, root: Path) -> OnnxPart:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -93,8 +84,8 @@ def _part(path: Path, root: Path) -> OnnxPart:
     return OnnxPart(
         file=str(path.relative_to(root)),
         size_bytes=onnx_size(path),
-        inputs=_tensor_specs(sess.get_inputs()),
-        outputs=_tensor_specs(sess.get_outputs()),
+        inputs=tensor_specs(sess.get_inputs()),
+        outputs=tensor_specs(sess.get_outputs()),
     )
 
 
@@ -119,6 +110,146 @@ def _max_input_tokens(task: Task, tokenizer: PreTrainedTokenizerFast, config: di
     return min(limit, positions)
 
 
+def _merged(details: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The parts' details as one: a value all parts share once, the others under `part.key`."""
+    merged: dict[str, Any] = {}
+    keys = {key for part in details.values() for key in part}
+    for key in sorted(keys):
+        values = {part: d[key] for part, d in details.items() if key in d}
+        if len(set(map(repr, values.values()))) == 1 and len(values) == len(details):
+            merged[key] = next(iter(values.values()))
+        else:
+            merged.update({f"{part}.{key}": value for part, value in values.items()})
+    return merged
+
+
+class _TaskExport:
+    """What export does per task: the PyTorch model, its fp32 ONNX parts, the accuracy report, and the
+    manifest's task section. Encoders share the defaults."""
+
+    def load(self, checkpoint: loaders.Checkpoint) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def export(self, run: _Exporter, target: Path) -> dict[str, Path]:
+        raise NotImplementedError
+
+    def report(self, run: _Exporter, parts: dict[str, Path], provider: str) -> AccuracyReport:
+        raise NotImplementedError
+
+    def info(self, run: _Exporter) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def optimizer_family(self, config: dict[str, Any]) -> tuple[str, int, int]:
+        """The ONNX Runtime transformer optimizer's model type, heads and hidden size (for fp16)."""
+        heads = int(config.get("num_attention_heads", config.get("n_heads", 12)))
+        hidden = int(config.get("hidden_size", config.get("dim", 768)))
+        return "bert", heads, hidden
+
+
+class _TokenClassification(_TaskExport):
+    def load(self, checkpoint: loaders.Checkpoint) -> torch.nn.Module:
+        return loaders.load_token_classifier(checkpoint)
+
+    def export(self, run: _Exporter, target: Path) -> dict[str, Path]:
+        vocab = int(run.checkpoint.config.get("vocab_size", len(run.tokenizer)))
+        return {"model": onnx_export.export_token_classifier(run.torch_model, vocab, target / "model.onnx")}
+
+    def report(self, run: _Exporter, parts: dict[str, Path], provider: str) -> AccuracyReport:
+        threshold = run.default_threshold() if loaders.is_sat_config(run.checkpoint.config) else None
+        return accuracy.token_classification_report(
+            run.torch_model, parts["model"], run.tokenizer, threshold, run.bounds, provider, run.max_length
+        )
+
+    def info(self, run: _Exporter) -> dict[str, Any]:
+        config = run.checkpoint.config
+        sat = loaders.is_sat_config(config)
+        labels = loaders.label_names(config)
+        threshold = run.default_threshold() if sat else None
+        info = TokenClassificationInfo(labels=labels, sat=sat, default_threshold=threshold)
+        return {"token_classification": info}
+
+
+class _Embedding(_TaskExport):
+    def load(self, checkpoint: loaders.Checkpoint) -> torch.nn.Module:
+        return onnx_export.EmbeddingGraph(loaders.load_encoder(checkpoint)).eval()
+
+    def export(self, run: _Exporter, target: Path) -> dict[str, Path]:
+        assert isinstance(run.torch_model, onnx_export.EmbeddingGraph)
+        return {"model": onnx_export.export_embedding(run.torch_model.encoder, target / "model.onnx")}
+
+    def report(self, run: _Exporter, parts: dict[str, Path], provider: str) -> AccuracyReport:
+        return accuracy.embedding_report(
+            run.torch_model, parts["model"], run.tokenizer, run.bounds, provider, run.max_length
+        )
+
+    def info(self, run: _Exporter) -> dict[str, Any]:
+        config = run.checkpoint.config
+        hidden = int(config.get("hidden_size", config.get("dim", 0)))
+        return {"embedding": EmbeddingInfo(dimensions=hidden, outputs=dict(onnx_export.EMBEDDING_OUTPUTS))}
+
+
+class _FillMask(_TaskExport):
+    def load(self, checkpoint: loaders.Checkpoint) -> torch.nn.Module:
+        return loaders.load_masked_lm(checkpoint)
+
+    def export(self, run: _Exporter, target: Path) -> dict[str, Path]:
+        return {"model": onnx_export.export_fill_mask(run.torch_model, target / "model.onnx")}
+
+    def report(self, run: _Exporter, parts: dict[str, Path], provider: str) -> AccuracyReport:
+        return accuracy.fill_mask_report(
+            run.torch_model, parts["model"], run.tokenizer, run.bounds, provider, run.max_length
+        )
+
+    def info(self, run: _Exporter) -> dict[str, Any]:
+        vocab = int(run.checkpoint.config["vocab_size"])
+        top_k = min(onnx_export.FILL_MASK_TOP_K, vocab)
+        return {"fill_mask": FillMaskInfo(vocab_size=vocab, max_top_k=top_k)}
+
+
+class _Translation(_TaskExport):
+    def load(self, checkpoint: loaders.Checkpoint) -> torch.nn.Module:
+        return loaders.load_seq2seq(checkpoint)
+
+    def export(self, run: _Exporter, target: Path) -> dict[str, Path]:
+        return export_translation(run.torch_model, target)
+
+    def report(self, run: _Exporter, parts: dict[str, Path], provider: str) -> AccuracyReport:
+        return accuracy.translation_report(
+            run.torch_model, parts, run.tokenizer, run.languages(), run.bounds, provider, run.max_length
+        )
+
+    def info(self, run: _Exporter) -> dict[str, Any]:
+        config = run.checkpoint.config
+        languages = run.languages()
+        if not languages:
+            raise ExportError("the tokenizer knows no FLORES-200 language code: not an NLLB-style tokenizer")
+        heads = int(config["decoder_attention_heads"])
+        token_ids = run.tokenizer.get_vocab()
+        translation = TranslationInfo(
+            languages=languages,
+            language_token_ids={code: int(token_ids[code]) for code in languages},
+            decoder_start_token_id=int(
+                config.get("decoder_start_token_id") or run.tokenizer.eos_token_id or 2
+            ),
+            num_layers=int(config["decoder_layers"]),
+            num_heads=heads,
+            head_dim=int(config["d_model"]) // heads,
+            max_new_tokens=run.options.max_new_tokens,
+        )
+        return {"translation": translation}
+
+    def optimizer_family(self, config: dict[str, Any]) -> tuple[str, int, int]:
+        return "bart", int(config["encoder_attention_heads"]), int(config["d_model"])
+
+
+_TASKS: dict[Task, _TaskExport] = {
+    "token-classification": _TokenClassification(),
+    "embedding": _Embedding(),
+    "fill-mask": _FillMask(),
+    "translation": _Translation(),
+}
+
+
 class _Exporter:
     """One export run; each method is one step of ExportOptions.steps()."""
 
@@ -134,34 +265,16 @@ class _Exporter:
         self.max_length = _max_input_tokens(self.task, self.tokenizer, self.checkpoint.config)
         enforce = options.enforce_bounds if options.enforce_bounds is not None else self.demo is None
         self.bounds = options.bounds if enforce else None
+        self.kind = _TASKS[self.task]
         # A PreTrainedModel, or a wrapper module with the same call signature as the exported graph.
-        self.torch_model: Any = self._load_torch_model()
-
-    def _load_torch_model(self) -> torch.nn.Module:
-        if self.task == "token-classification":
-            return loaders.load_token_classifier(self.checkpoint)
-        if self.task == "embedding":
-            return onnx_export.EmbeddingGraph(loaders.load_encoder(self.checkpoint)).eval()
-        if self.task == "fill-mask":
-            return loaders.load_masked_lm(self.checkpoint)
-        return loaders.load_seq2seq(self.checkpoint)
+        self.torch_model: Any = self.kind.load(self.checkpoint)
 
     # ------------------------------------------------------------------------------------------- files
 
     def _fp32_parts(self) -> dict[str, Path]:
         self.on_step("export fp32")
         target = self.out / "fp32"
-        vocab = int(self.checkpoint.config.get("vocab_size", len(self.tokenizer)))
-        if self.task == "token-classification":
-            return {
-                "model": onnx_export.export_token_classifier(self.torch_model, vocab, target / "model.onnx")
-            }
-        if self.task == "embedding":
-            assert isinstance(self.torch_model, onnx_export.EmbeddingGraph)
-            return {"model": onnx_export.export_embedding(self.torch_model.encoder, target / "model.onnx")}
-        if self.task == "fill-mask":
-            return {"model": onnx_export.export_fill_mask(self.torch_model, target / "model.onnx")}
-        return export_translation(self.torch_model, target)
+        return self.kind.export(self, target)
 
     def _derive(self, name: VariantName, fp32: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Any]]:
         self.on_step(f"make {name}")
@@ -169,19 +282,12 @@ class _Exporter:
         for part, source in fp32.items():
             target = self.out / name / source.name
             if name == "int8":
-                details = in_own_process(quantize_int8, source, target)
+                details[part] = in_own_process(quantize_int8, source, target)
             else:
-                details = in_own_process(convert_fp16, source, target, *self._optimizer_family())
+                family = self.kind.optimizer_family(self.checkpoint.config)
+                details[part] = in_own_process(convert_fp16, source, target, *family)
             parts[part] = target
-        return parts, details
-
-    def _optimizer_family(self) -> tuple[str, int, int]:
-        config = self.checkpoint.config
-        if self.task == "translation":
-            return "bart", int(config["encoder_attention_heads"]), int(config["d_model"])
-        heads = int(config.get("num_attention_heads", config.get("n_heads", 12)))
-        hidden = int(config.get("hidden_size", config.get("dim", 768)))
-        return "bert", heads, hidden
+        return parts, _merged(details)
 
     # ---------------------------------------------------------------------------------------- accuracy
 
@@ -202,76 +308,17 @@ class _Exporter:
             )
 
     def _report(self, parts: dict[str, Path], provider: str) -> AccuracyReport:
-        t, tok, bounds_or_none, length = self.task, self.tokenizer, self.bounds, self.max_length
-        if t == "token-classification":
-            threshold = self._sat_threshold() if loaders.is_sat_config(self.checkpoint.config) else None
-            return accuracy.token_classification_report(
-                self.torch_model, parts["model"], tok, threshold, bounds_or_none, provider, length
-            )
-        if t == "embedding":
-            return accuracy.embedding_report(
-                self.torch_model, parts["model"], tok, bounds_or_none, provider, length
-            )
-        if t == "fill-mask":
-            return accuracy.fill_mask_report(
-                self.torch_model, parts["model"], tok, bounds_or_none, provider, length
-            )
-        return accuracy.translation_report(
-            self.torch_model,
-            parts,
-            tok,
-            self._languages(),
-            bounds_or_none,
-            provider,
-            length,
-        )
+        return self.kind.report(self, parts, provider)
 
     # ---------------------------------------------------------------------------------------- metadata
 
-    def _sat_threshold(self) -> float:
+    def default_threshold(self) -> float:
+        """This SaT checkpoint's threshold (its demo's published name, for a demo)."""
         return sat_threshold(self.demo.mirrors if self.demo else self.checkpoint.name)
 
-    def _languages(self) -> list[str]:
+    def languages(self) -> list[str]:
         vocab = self.tokenizer.get_vocab()
         return [code for code in flores200_codes() if code in vocab]
-
-    def _task_info(self) -> dict[str, Any]:
-        config = self.checkpoint.config
-        if self.task == "token-classification":
-            sat = loaders.is_sat_config(config)
-            info = TokenClassificationInfo(
-                labels=loaders.label_names(config),
-                sat=sat,
-                default_threshold=self._sat_threshold() if sat else None,
-            )
-            return {"token_classification": info}
-        if self.task == "embedding":
-            hidden = int(config.get("hidden_size", config.get("dim", 0)))
-            return {
-                "embedding": EmbeddingInfo(dimensions=hidden, outputs=dict(onnx_export.EMBEDDING_OUTPUTS))
-            }
-        if self.task == "fill-mask":
-            vocab = int(config["vocab_size"])
-            return {
-                "fill_mask": FillMaskInfo(vocab_size=vocab, max_top_k=min(onnx_export.FILL_MASK_TOP_K, vocab))
-            }
-        languages = self._languages()
-        if not languages:
-            raise ExportError("the tokenizer knows no FLORES-200 language code: not an NLLB-style tokenizer")
-        heads = int(config["decoder_attention_heads"])
-        token_ids = self.tokenizer.get_vocab()
-        translation = TranslationInfo(
-            languages=languages,
-            language_token_ids={code: int(token_ids[code]) for code in languages},
-            decoder_start_token_id=int(
-                config.get("decoder_start_token_id") or self.tokenizer.eos_token_id or 2
-            ),
-            num_layers=int(config["decoder_layers"]),
-            num_heads=heads,
-            head_dim=int(config["d_model"]) // heads,
-            max_new_tokens=self.options.max_new_tokens,
-        )
-        return {"translation": translation}
 
     def _source(self) -> Source:
         config = self.checkpoint.config
@@ -337,7 +384,7 @@ class _Exporter:
             special_tokens=_special_tokens(self.tokenizer),
             max_input_tokens=self.max_length,
             variants=variants,
-            **self._task_info(),
+            **self.kind.info(self),
         )
         manifest.write(self.out)
         return manifest

@@ -105,3 +105,16 @@ def test_fp16_encoders_get_fused_attention(exported: Exported, task: Task) -> No
     details = manifest.variants["fp16"].details
     assert int(details.get("fused_Attention", 0)) > 0, details
     assert int(details.get("fused_SkipLayerNormalization", 0)) > 0, details
+
+
+def test_variant_details_keep_every_part() -> None:
+    """A detail all parts share is kept once; one that differs is kept per part (the last part's value
+    used to overwrite the others')."""
+    from gateway.export.exporter import _merged
+
+    details = {
+        "encoder": {"method": "dynamic", "nodes": 3},
+        "decoder_step": {"method": "dynamic", "nodes": 5},
+    }
+    assert _merged(details) == {"method": "dynamic", "encoder.nodes": 3, "decoder_step.nodes": 5}
+    assert _merged({"model": {"method": "dynamic"}}) == {"method": "dynamic"}
