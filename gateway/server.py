@@ -48,8 +48,8 @@ if TYPE_CHECKING:
     from gateway.backends.triton import TritonPool
 
 log = logging.getLogger(__name__)
-HEALTH_POLL_SECONDS = 0.25  # how often model health follows backend readiness
-# /healthz fails when the event loop has not run the health watch for this long (a stuck loop)
+HEARTBEAT_SECONDS = 0.25  # how often the event loop proves it runs, for /healthz
+# /healthz fails when the event loop has not run the heartbeat for this long (a stuck loop)
 LIVENESS_SECONDS = 10.0
 SERVICE = polyglot_pb2.DESCRIPTOR.services_by_name["Polyglot"].full_name
 
@@ -242,7 +242,12 @@ class GatewayServer:
         self.server.add_generic_rpc_handlers((_reflection_v1(names),))
         self.port = 0
         self._serving: dict[str, bool] = {}
-        self._watch: asyncio.Task[None] | None = None
+        # Model health follows readiness: the Triton pool says when it changes (in-process models are
+        # always ready).
+        self._readiness_changed = asyncio.Event()
+        if self.triton is not None:
+            self.triton.on_change(self._readiness_changed.set)
+        self._tasks: list[asyncio.Task[None]] = []
         self._stop_metrics: Callable[[], None] | None = None
         self._stopping = False
         self._started = False
@@ -288,8 +293,11 @@ class GatewayServer:
         await self.health.set("", serving)
         await self.health.set(SERVICE, serving)
         await self._update_health()
-        self._watch = asyncio.create_task(self._watch_health(), name="model-health")
-        self._beat = time.monotonic()  # loading the models took what it took: the watch starts now
+        self._tasks = [
+            asyncio.create_task(self._follow_readiness(), name="model-health"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        ]
+        self._beat = time.monotonic()  # loading the models took what it took: the heartbeat starts now
         self._started = True
         self._log_security()
         log.info("serving %s on %s:%d", SERVICE, self.config.host, self.port)
@@ -330,10 +338,15 @@ class GatewayServer:
                     "ready (health SERVING)" if ready else "not ready (health NOT_SERVING)",
                 )
 
-    async def _watch_health(self) -> None:
+    async def _follow_readiness(self) -> None:
         while True:
-            await asyncio.sleep(HEALTH_POLL_SECONDS)
+            await self._readiness_changed.wait()
+            self._readiness_changed.clear()
             await self._update_health()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
             self._beat = time.monotonic()
 
     def _liveness(self) -> tuple[bool, dict[str, object]]:
@@ -357,8 +370,8 @@ class GatewayServer:
             await self._stopped.wait()
             return
         self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         drain = self.config.drain_seconds if drain is None else drain
         grace = self.config.grace_seconds if grace is None else grace

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,15 @@ class TritonPool:
         self._turn = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._info: dict[str, _ModelInfo] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) whenever an endpoint's ready models change."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def describe(self) -> str:
         return ",".join(e.url for e in self.endpoints)
@@ -144,6 +153,7 @@ class TritonPool:
         endpoint.ready_models = ready
         if ready != before:
             log.info("triton %s: ready models %s", endpoint.url, ", ".join(sorted(ready)) or "none")
+            self._changed()
 
     def ready(self, model: str) -> bool:
         return any(model in e.ready_models for e in self.endpoints)
@@ -151,7 +161,8 @@ class TritonPool:
     def mark_down(self, endpoint: _Endpoint, model: str) -> None:
         if model in endpoint.ready_models:
             log.warning("triton %s: %s unavailable; down until a health check finds it", endpoint.url, model)
-        endpoint.ready_models.discard(model)
+            endpoint.ready_models.discard(model)
+            self._changed()
 
     def candidates(self, model: str) -> list[_Endpoint]:
         """The endpoints with `model` ready, starting at the next one in round-robin order."""
