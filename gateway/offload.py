@@ -11,9 +11,9 @@ import asyncio
 import functools
 import os
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -51,28 +51,3 @@ async def off_loop(size: int, function: Callable[P, R], *args: P.args, **kwargs:
         return function(*args, **kwargs)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_pool(), functools.partial(function, *args, **kwargs))
-
-
-class LoopThread:
-    """An asyncio loop on a thread of its own, for long work that awaits backends (the translation decoding
-    loop) but must not run on the server's loop: its bookkeeping between decoder steps would delay every
-    other request. `run` awaits a coroutine there; cancelling the caller cancels it there."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        behind_the_loop()
-        self.loop.run_forever()
-
-    async def run(self, coroutine: Coroutine[Any, Any, R]) -> R:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=30)
-        self.loop.close()

@@ -91,7 +91,6 @@ class DecoderStep(nn.Module):
         self.decoder = decoder
         self.lm_head = model.get_output_embeddings()
         self.heads = int(model.config.decoder_attention_heads)
-        self.layers_count = len(decoder.layers)
         positions = decoder.embed_positions
         self.position_offset = int(positions.padding_idx) + 1  # M2M100 counts positions after the pad index
         self.register_buffer("position_table", positions.weights.detach().clone(), persistent=False)

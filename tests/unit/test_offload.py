@@ -3,14 +3,13 @@ the decoding loop thread runs and cancels coroutines."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import threading
 
 import pytest
 
-from gateway.offload import INLINE_SIZE, WORKER_NICENESS, LoopThread, behind_the_loop, off_loop
+from gateway.offload import INLINE_SIZE, WORKER_NICENESS, behind_the_loop, off_loop
 
 
 async def test_small_work_stays_on_the_loop_and_large_work_leaves_it() -> None:
@@ -35,31 +34,3 @@ def test_compute_threads_run_behind_the_loop() -> None:
     ((before, after),) = seen
     assert after == min(before + WORKER_NICENESS, 19)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before, "the caller's was changed"
-
-
-async def test_the_loop_thread_runs_coroutines_and_cancels_them() -> None:
-    loops = LoopThread("test")
-    try:
-
-        async def where() -> int:
-            return threading.get_ident()
-
-        assert await loops.run(where()) != threading.get_ident()
-        started, cancelled = threading.Event(), threading.Event()
-
-        async def forever() -> None:
-            started.set()
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-
-        task = asyncio.ensure_future(loops.run(forever()))
-        await asyncio.to_thread(started.wait, 30)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert await asyncio.to_thread(cancelled.wait, 30), "cancelling the caller did not cancel the work"
-    finally:
-        loops.close()
