@@ -1,4 +1,4 @@
-"""`pgw translate|segment|classify|embed|fill-mask`, `pgw models list`: call a running gateway and print."""
+"""The client commands (`pgw translate`, `segment`, `detect`, ..., `models list`): call a gateway, print."""
 
 from __future__ import annotations
 
@@ -88,7 +88,9 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
     def translate(
         texts: Annotated[list[str], typer.Argument(help="Texts to translate.")],
         to: Annotated[str, typer.Option("--to", help="Target language: FLORES-200 code or ISO 639-1.")],
-        source: Annotated[str, typer.Option("--from", help="Source language.")] = "eng_Latn",
+        source: Annotated[
+            str, typer.Option("--from", help="Source language; auto: each text's, detected.")
+        ] = "eng_Latn",
         beam: Annotated[int, typer.Option(help="Beam size (1: greedy).")] = 1,
         max_new_tokens: Annotated[int, typer.Option(help="0: the server's limit.")] = 0,
         model: Model = "",
@@ -245,6 +247,30 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
             for mask in result.masks:
                 guesses = ", ".join(f"{p.token} ({p.score:.3f})" for p in mask.predictions)
                 out.print(Text(f"  [{mask.start}:{mask.end}] {guesses}"))
+
+    @app.command("detect")
+    def detect(
+        texts: Annotated[list[str], typer.Argument(help="Texts whose language to detect.")],
+        top_k: Annotated[int, typer.Option(help="Candidates per text.")] = 3,
+        as_json: AsJson = False,
+        server: Server = DEFAULT_SERVER,
+        api_key: ApiKey = None,
+        tls_ca: TlsCa = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
+    ) -> None:
+        """Detect each text's language (FLORES-200 code, ISO code and probability)."""
+        reply = _call(
+            Connection(server, api_key, tls_ca, tls_cert, tls_key),
+            lambda c: c.detect_language(texts, top_k=top_k),
+        )
+        if as_json:
+            return _json(reply)
+        for text, result in zip(texts, reply.results, strict=True):
+            found = ", ".join(
+                f"{c.language or '-'} ({c.iso_code}) {c.probability:.3f}" for c in result.candidates
+            )
+            out.print(Text(f"{text[:40]!r}: {found or 'nothing to detect'}"))
 
     @models_app.command("list")
     def list_models(

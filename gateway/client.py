@@ -451,6 +451,20 @@ def _named(method: Any, prepare: Callable[..., Any]) -> None:
     method.__signature__ = inspect.signature(prepare).replace(return_annotation=returns)
 
 
+def _detect_language(
+    texts: Texts,
+    *,
+    top_k: int = 3,
+    timeout: float | None = _UNSET,
+    metadata: Metadata | None = None,
+    wait_for_ready: bool | None = None,
+    call: Call | None = None,
+) -> _Prepared[pb.DetectLanguageResponse]:
+    """Each text's language (FLORES-200 code, ISO code, probability) and the next likeliest."""
+    request = pb.DetectLanguageRequest(texts=_texts(texts), top_k=top_k)
+    return _Prepared("DetectLanguage", request, timeout, metadata, wait_for_ready, call)
+
+
 def _sync(prepare: Callable[P, _Prepared[R]]) -> Callable[Concatenate[PolyglotClient, P], R]:
     def method(self: PolyglotClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._unary(prepare(*args, **kwargs))
@@ -585,6 +599,7 @@ class PolyglotClient(_Base):
     embed = _sync(_embed)
     fill_mask = _sync(_fill_mask)
     list_models = _sync(_list_models)
+    detect_language = _sync(_detect_language)
 
     def translate_stream(
         self,
@@ -690,6 +705,7 @@ class AsyncPolyglotClient(_Base):
     embed = _async(_embed)
     fill_mask = _async(_fill_mask)
     list_models = _async(_list_models)
+    detect_language = _async(_detect_language)
 
     def translate_stream(
         self,

@@ -235,7 +235,9 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        polyglot_pb2_grpc.add_PolyglotServicer_to_server(PolyglotServicer(self.registry), self.server)
+        polyglot_pb2_grpc.add_PolyglotServicer_to_server(
+            PolyglotServicer(self.registry, config.limits.text_limits()), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)

@@ -11,8 +11,10 @@ from typing import Any, Literal, TypeVar
 
 from grpc import aio
 
+from gateway import langid
 from gateway.errors import GatewayError, InvalidInput
 from gateway.interceptors import client_message, status_of
+from gateway.metrics import label_request
 from gateway.offload import off_loop
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
@@ -21,7 +23,7 @@ from gateway.tasks import embedding as emb
 from gateway.tasks import fill_mask as fm
 from gateway.tasks import token_classification as tc
 from gateway.tasks import translation as tr
-from gateway.tasks.base import Timing, Usage
+from gateway.tasks.base import DEFAULT_LIMITS, TextLimits, Timing, Usage
 
 E = TypeVar("E", bound=str)
 log = logging.getLogger(__name__)
@@ -85,9 +87,13 @@ def _enum(table: Mapping[int, E], value: int, field: str) -> E:
     return table[value]
 
 
+MAX_LANGUAGE_CANDIDATES = 10
+
+
 class PolyglotServicer(pb_grpc.PolyglotServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, limits: TextLimits = DEFAULT_LIMITS) -> None:
         self.registry = registry
+        self.limits = limits  # of the requests no task model takes (DetectLanguage)
 
     # ------------------------------------------------------------------------------------------ translate
 
@@ -274,6 +280,32 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
         size = 4 * sum(len(m.predictions) for masks in result.results for m in masks)
         return await off_loop(size, _fill_mask_reply, served.name, result, started)
 
+    # -------------------------------------------------------------------------------- language detection
+
+    async def DetectLanguage(
+        self, request: pb.DetectLanguageRequest, context: aio.ServicerContext
+    ) -> pb.DetectLanguageResponse:
+        started = time.perf_counter()
+        label_request(langid.MODEL)
+        texts = list(request.texts)
+        self.limits.check(texts)
+        top_k = request.top_k or 3
+        if not 1 <= top_k <= MAX_LANGUAGE_CANDIDATES:
+            raise InvalidInput(f"top_k: {top_k} is outside 1..{MAX_LANGUAGE_CANDIDATES}")
+        detections = await off_loop(sum(map(len, texts)), langid.identifier().detect_all, texts, top_k)
+        reply = pb.DetectLanguageResponse(model=langid.MODEL)
+        for detection in detections:
+            result = reply.results.add()
+            for c in detection.candidates:
+                result.candidates.add(language=c.language, iso_code=c.iso, probability=c.probability)
+            if detection.best is not None:
+                b = detection.best
+                result.best.CopyFrom(
+                    pb.LanguageCandidate(language=b.language, iso_code=b.iso, probability=b.probability)
+                )
+        reply.timing.CopyFrom(_timing(Timing(0.0, 1000 * (time.perf_counter() - started)), started))
+        return reply
+
     # ------------------------------------------------------------------------------------------ models
 
     async def ListModels(
@@ -393,6 +425,8 @@ def _translate_reply(
                     for h in t.hypotheses
                 ],
                 truncated=t.truncated,
+                source_lang=t.source_lang,
+                source_lang_probability=t.source_probability,
             )
             for t in result.translations
         ],

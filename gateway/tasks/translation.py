@@ -17,11 +17,14 @@ from gateway.decoding.batch import StepParts
 from gateway.decoding.engine import Decodings, Engine, EngineSettings, Scheduling, StepStats, TokenSink
 from gateway.decoding.search import Decoded, DecodingOptions, GenerationItem, SamplingOptions
 from gateway.errors import InvalidInput
+from gateway.langid import identifier
 from gateway.languages import resolve_language
 from gateway.offload import off_loop
 from gateway.runtime import LoadedModel
 from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
 
+AUTO = ("auto", "")  # source_lang values that ask for each text's language to be detected
+AUTO_SOURCE = "auto"
 MAX_BEAMS = 16
 MAX_SAMPLES = 16  # num_return with sampling
 MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: beyond it length ** penalty leaves the float range
@@ -49,6 +52,8 @@ class Hypothesis:
 class Translation:
     hypotheses: list[Hypothesis]
     truncated: bool
+    source_lang: str = ""  # the request's, or with "auto" the detected one ("" for an empty text)
+    source_probability: float = 1.0  # with "auto": the detection's probability
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,10 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
     def validate(self, request: TranslateInput) -> tuple[str, str, int]:
         """Normalized source and target codes and the token limit, or InvalidInput naming the field."""
         self.limits.check(request.texts)
-        source = resolve_language(request.source_lang, self.info.languages, "source_lang")
+        if request.source_lang.strip().lower() in AUTO:
+            source = AUTO_SOURCE
+        else:
+            source = resolve_language(request.source_lang, self.info.languages, "source_lang")
         target = resolve_language(request.target_lang, self.info.languages, "target_lang")
         o = request.options
         cap = self.max_new_tokens
@@ -174,6 +182,7 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         size = sum(map(len, request.texts))
         # An empty or whitespace-only text translates to "" without decoding: the rest decode as usual.
         present = [index for index, text in enumerate(request.texts) if text and not text.isspace()]
+        sources = await self._sources(request, present, source, size)
         texts, rows = len(present), request.options.rows
         decoded: list[Decoded] = []
         items: list[GenerationItem] = []
@@ -181,7 +190,7 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         timing = Timing(0.0, 0.0)
         if present and self.engine is None:  # Triton: through the batcher
             with self.serving(texts, request.deadline, rows=texts * rows) as held:
-                items, truncated = await off_loop(size, self._items, request, present, source, target, limit)
+                items, truncated = await off_loop(size, self._items, request, present, sources, target, limit)
                 timed = await self.batcher.submit_all(
                     [(item, len(item.source)) for item in items], request.deadline, rows, held
                 )
@@ -190,12 +199,14 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
             if sink is not None:  # the engine numbers the texts it was given; the sink, the request's
                 given, sink = sink, lambda text, row, token: given(present[text], row, token)
             with self.admitted(texts * rows, request.deadline):
-                items, truncated = await off_loop(size, self._items, request, present, source, target, limit)
+                items, truncated = await off_loop(size, self._items, request, present, sources, target, limit)
                 result = await self._decode(items, request.deadline, sink)
             decoded = result.decoded
             timing = Timing(1000 * result.queue_seconds, 1000 * result.run_seconds)
         decodings = dict(zip(present, zip(decoded, truncated, strict=True), strict=True))
-        translations, output_tokens = await off_loop(size, self._translations, request, decodings)
+        translations, output_tokens = await off_loop(
+            size, self._translations, request, decodings, dict(zip(present, sources, strict=True)), source
+        )
         return TranslateOutput(
             translations=translations,
             source_lang=source,
@@ -238,26 +249,58 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         finally:
             translating.cancel()
 
+    async def _sources(
+        self, request: TranslateInput, present: list[int], source: str, size: int
+    ) -> list[tuple[str, float]]:
+        """Each present text's source language and its probability: the request's, or with "auto" the
+        detected one, which must be one this model translates (else InvalidInput naming the text)."""
+        if source != AUTO_SOURCE:
+            return [(source, 1.0)] * len(present)
+        detections = await off_loop(
+            size, identifier().detect_all, [request.texts[index] for index in present], 1
+        )
+        sources = []
+        for index, detection in zip(present, detections, strict=True):
+            best = detection.best
+            if best is None or best.language not in self.info.languages:
+                found = "nothing" if best is None else f"{best.iso} ({best.probability:.2f})"
+                raise InvalidInput(
+                    f"texts[{index}]: its language was detected as {found}, which this model does not "
+                    "translate; give source_lang"
+                )
+            sources.append((best.language, best.probability))
+        return sources
+
     def _items(
-        self, request: TranslateInput, present: list[int], source: str, target: str, limit: int
+        self,
+        request: TranslateInput,
+        present: list[int],
+        sources: list[tuple[str, float]],
+        target: str,
+        limit: int,
     ) -> tuple[list[GenerationItem], list[bool]]:
         """The texts at `present` as the model's inputs, `<src_lang> tokens </s>`, each seeded by its place
         in the request; and whether each was cut to the model's limit."""
         tokenizer = self.model.tokenizer
-        source_id, target_id = self.info.language_token_ids[source], self.info.language_token_ids[target]
+        codes = self.info.language_token_ids
+        target_id = codes[target]
         room = tokenizer.max_length - 2
         prefix = (self.info.decoder_start_token_id, target_id)
         encoded = tokenizer.encode_batch(
             [request.texts[index] for index in present], add_special_tokens=False, truncate=False
         )
         items = [
-            GenerationItem([source_id, *e.ids[:room], self.eos], prefix, limit, request.options, index)
-            for index, e in zip(present, encoded, strict=True)
+            GenerationItem([codes[source], *e.ids[:room], self.eos], prefix, limit, request.options, index)
+            for index, e, (source, _) in zip(present, encoded, sources, strict=True)
         ]
         return items, [len(e.ids) > room for e in encoded]
 
     def _translations(
-        self, request: TranslateInput, decodings: dict[int, tuple[Decoded, bool]]
+        self,
+        request: TranslateInput,
+        decodings: dict[int, tuple[Decoded, bool]],
+        sources: dict[int, tuple[str, float]],
+        source: str,
     ) -> tuple[list[Translation], int]:
         """One translation per text: the decoded ones, and "" for the texts that were not decoded."""
         translations = []
@@ -265,7 +308,8 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         empty = [Hypothesis("", 0.0, [], []) for _ in range(request.options.num_return)]
         for index in range(len(request.texts)):
             if index not in decodings:
-                translations.append(Translation(empty, False))
+                auto = source == AUTO_SOURCE
+                translations.append(Translation(empty, False, "" if auto else source, 0.0 if auto else 1.0))
                 continue
             decoded, was_cut = decodings[index]
             texts = self.model.tokenizer.decode_batch(decoded.tokens)
@@ -276,7 +320,7 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
                     texts, decoded.scores, decoded.tokens, decoded.logprobs, strict=True
                 )
             ]
-            translations.append(Translation(hypotheses, was_cut))
+            translations.append(Translation(hypotheses, was_cut, *sources[index]))
         return translations, output_tokens
 
 

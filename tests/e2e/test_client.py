@@ -151,6 +151,9 @@ async def test_cli_json_on_every_client_command(gateway: GatewayServer) -> None:
     assert len(embedded["embeddings"][0]["values"]) == embedded["dimensions"]
     filled = await asyncio.to_thread(invoke, "fill-mask", "A [MASK] day.", "--top-k", "2")
     assert len(filled["results"][0]["masks"][0]["predictions"]) == 2
+    detected = await asyncio.to_thread(invoke, "detect", "Bonjour tout le monde, comment allez-vous ?")
+    assert detected["results"][0]["best"]["language"] == "fra_Latn"
+    assert len(detected["results"][0]["candidates"]) == 3
     listed = await asyncio.to_thread(invoke, "models", "list")
     assert {m["name"] for m in listed["models"]} >= {"nllb-demo", "sat-demo"}
 
@@ -323,6 +326,9 @@ async def test_async_client_health_tokens_and_errors(gateway: GatewayServer) -> 
         with pytest.raises(PolyglotError) as caught:
             await client.health("polyglot.v1.Polyglot/no-such-model")
         assert caught.value.status == grpc.StatusCode.NOT_FOUND
+        detected = await client.detect_language(["Guten Morgen, wie geht es dir?", ""], top_k=1)
+        assert detected.results[0].best.language == "deu_Latn"
+        assert not detected.results[1].HasField("best")
 
 
 async def test_translate_stream_takes_a_timeout(gateway: GatewayServer) -> None:

@@ -125,9 +125,9 @@ ERRORS = [
     ("Segment", pb.SegmentRequest(texts=["x"] * 300), INVALID, "limit of 256"),
     (
         "Translate",
-        pb.TranslateRequest(texts=["x"], target_lang="fr"),
+        pb.TranslateRequest(texts=["x"], source_lang="fr"),
         INVALID,
-        "source_lang: a language code is required",
+        "target_lang: a language code is required",
     ),
 ]
 

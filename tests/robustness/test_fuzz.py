@@ -64,7 +64,9 @@ texts = st.one_of(
 )
 models = st.one_of(st.just(""), st.just(""), st.sampled_from(["nllb-demo", "sat-demo", "nope"]), words)
 languages = st.one_of(
-    st.sampled_from(["eng_Latn", "fra_Latn", "en", "fr", "deu_Latn"]), st.sampled_from(["zh", ""]), words
+    st.sampled_from(["eng_Latn", "fra_Latn", "en", "fr", "deu_Latn"]),
+    st.sampled_from(["zh", "", "auto"]),
+    words,
 )
 
 
@@ -136,6 +138,12 @@ def test_translate(
         request_id=request_id,
     )
     _call(stub, "Translate", request)
+
+
+@EXAMPLES
+@given(texts, counts)
+def test_detect_language(stub: Stub, texts: list[str], top_k: int) -> None:
+    _call(stub, "DetectLanguage", pb.DetectLanguageRequest(texts=texts, top_k=top_k))
 
 
 @EXAMPLES
@@ -228,7 +236,9 @@ def test_translate_stream_answers_every_message(
     still_serving(stub)
 
 
-@pytest.mark.parametrize("rpc", ["Translate", "Classify", "Segment", "Embed", "FillMask", "ListModels"])
+@pytest.mark.parametrize(
+    "rpc", ["Translate", "Classify", "Segment", "Embed", "FillMask", "ListModels", "DetectLanguage"]
+)
 @pytest.mark.parametrize(
     "payload",
     [

@@ -46,6 +46,7 @@ def test_service_declares_every_rpc() -> None:
         "Embed",
         "FillMask",
         "ListModels",
+        "DetectLanguage",
     }
     stream = methods["TranslateStream"]
     assert stream.client_streaming

@@ -281,6 +281,9 @@ class TranslateRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     source_lang: _builtins.str
+    """A FLORES-200 code or ISO 639-1 alias; "auto" or empty: each text's own language, detected
+    (`Translation.source_lang`). A text whose language the model does not translate is INVALID_ARGUMENT.
+    """
     target_lang: _builtins.str
     model: _builtins.str
     request_id: _builtins.str
@@ -346,8 +349,14 @@ class Translation(_message.Message):
 
     HYPOTHESES_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    SOURCE_LANG_FIELD_NUMBER: _builtins.int
+    SOURCE_LANG_PROBABILITY_FIELD_NUMBER: _builtins.int
     truncated: _builtins.bool
     """The source text was longer than the model's input limit and was truncated."""
+    source_lang: _builtins.str
+    """The text's source language: the request's, or the detected one with source_lang "auto"."""
+    source_lang_probability: _builtins.float
+    """With source_lang "auto": the detection's probability (0 for an empty text); 1 otherwise."""
     @_builtins.property
     def hypotheses(self) -> _containers.RepeatedCompositeFieldContainer[Global___Hypothesis]:
         """Best first; `num_return` entries."""
@@ -357,10 +366,12 @@ class Translation(_message.Message):
         *,
         hypotheses: _abc.Iterable[Global___Hypothesis] | None = ...,
         truncated: _builtins.bool = ...,
+        source_lang: _builtins.str = ...,
+        source_lang_probability: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hypotheses", b"hypotheses", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hypotheses", b"hypotheses", "source_lang", b"source_lang", "source_lang_probability", b"source_lang_probability", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,7 +416,7 @@ class TranslateResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     source_lang: _builtins.str
-    """normalized FLORES-200 code"""
+    """normalized FLORES-200 code; "auto" when each text's was detected"""
     target_lang: _builtins.str
     request_id: _builtins.str
     @_builtins.property
@@ -1223,3 +1234,114 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class DetectLanguageRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------------------
+    DetectLanguage
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    top_k: _builtins.int
+    """Candidates per text, 1..10; 0: 3."""
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        top_k: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetectLanguageRequest: _TypeAlias = DetectLanguageRequest  # noqa: Y015
+
+@_typing.final
+class LanguageCandidate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    ISO_CODE_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    language: _builtins.str
+    """FLORES-200 code; empty when the translator knows no such language"""
+    iso_code: _builtins.str
+    """the identifier's label: ISO 639-1 where there is one, else ISO 639-3"""
+    probability: _builtins.float
+    def __init__(
+        self,
+        *,
+        language: _builtins.str = ...,
+        iso_code: _builtins.str = ...,
+        probability: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iso_code", b"iso_code", "language", b"language", "probability", b"probability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LanguageCandidate: _TypeAlias = LanguageCandidate  # noqa: Y015
+
+@_typing.final
+class LanguageDetection(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEST_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def best(self) -> Global___LanguageCandidate:
+        """The likeliest; unset for an empty or whitespace-only text."""
+
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___LanguageCandidate]:
+        """best first, `top_k` of them"""
+
+    def __init__(
+        self,
+        *,
+        best: Global___LanguageCandidate | None = ...,
+        candidates: _abc.Iterable[Global___LanguageCandidate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["best", b"best"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "candidates", b"candidates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LanguageDetection: _TypeAlias = LanguageDetection  # noqa: Y015
+
+@_typing.final
+class DetectLanguageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TIMING_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """the identifier, e.g. "fasttext-lid.176" """
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___LanguageDetection]: ...
+    @_builtins.property
+    def timing(self) -> Global___Timing: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___LanguageDetection] | None = ...,
+        model: _builtins.str = ...,
+        timing: Global___Timing | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "results", b"results", "timing", b"timing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetectLanguageResponse: _TypeAlias = DetectLanguageResponse  # noqa: Y015

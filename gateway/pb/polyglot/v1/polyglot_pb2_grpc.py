@@ -74,6 +74,11 @@ class PolyglotStub:
                 request_serializer=polyglot_dot_v1_dot_polyglot__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=polyglot_dot_v1_dot_polyglot__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.DetectLanguage = channel.unary_unary(
+                '/polyglot.v1.Polyglot/DetectLanguage',
+                request_serializer=polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageRequest.SerializeToString,
+                response_deserializer=polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageResponse.FromString,
+                _registered_method=True)
 
 
 class PolyglotServicer:
@@ -147,6 +152,15 @@ class PolyglotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetectLanguage(self, request, context):
+        """The language of each text, by fastText's lid.176 (176 languages, real weights shipped with the server):
+        the best FLORES-200 code with its probability, and the next likeliest. A language the translator does
+        not know has an empty `language` and its `iso_code` still set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolyglotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +203,11 @@ def add_PolyglotServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=polyglot_dot_v1_dot_polyglot__pb2.ListModelsRequest.FromString,
                     response_serializer=polyglot_dot_v1_dot_polyglot__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DetectLanguage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetectLanguage,
+                    request_deserializer=polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageRequest.FromString,
+                    response_serializer=polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +426,33 @@ class Polyglot:
             '/polyglot.v1.Polyglot/ListModels',
             polyglot_dot_v1_dot_polyglot__pb2.ListModelsRequest.SerializeToString,
             polyglot_dot_v1_dot_polyglot__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetectLanguage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polyglot.v1.Polyglot/DetectLanguage',
+            polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageRequest.SerializeToString,
+            polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,11 @@ class PolyglotStub:
     """The models this server serves: task, backend, device, variant, limits, languages and the accuracy
     report of the variant against the fp32 reference.
     """
+    DetectLanguage: _grpc.UnaryUnaryMultiCallable[_polyglot_pb2.DetectLanguageRequest, _polyglot_pb2.DetectLanguageResponse]
+    """The language of each text, by fastText's lid.176 (176 languages, real weights shipped with the server):
+    the best FLORES-200 code with its probability, and the next likeliest. A language the translator does
+    not know has an empty `language` and its `iso_code` still set.
+    """
 
 @_typing.type_check_only
 class PolyglotAsyncStub(PolyglotStub):
@@ -123,6 +128,11 @@ class PolyglotAsyncStub(PolyglotStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_polyglot_pb2.ListModelsRequest, _polyglot_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The models this server serves: task, backend, device, variant, limits, languages and the accuracy
     report of the variant against the fp32 reference.
+    """
+    DetectLanguage: _aio.UnaryUnaryMultiCallable[_polyglot_pb2.DetectLanguageRequest, _polyglot_pb2.DetectLanguageResponse]  # type: ignore[assignment]
+    """The language of each text, by fastText's lid.176 (176 languages, real weights shipped with the server):
+    the best FLORES-200 code with its probability, and the next likeliest. A language the translator does
+    not know has an empty `language` and its `iso_code` still set.
     """
 
 class PolyglotServicer(metaclass=_abc_1.ABCMeta):
@@ -206,6 +216,17 @@ class PolyglotServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_polyglot_pb2.ListModelsResponse, _abc.Awaitable[_polyglot_pb2.ListModelsResponse]]:
         """The models this server serves: task, backend, device, variant, limits, languages and the accuracy
         report of the variant against the fp32 reference.
+        """
+
+    @_abc_1.abstractmethod
+    def DetectLanguage(
+        self,
+        request: _polyglot_pb2.DetectLanguageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_polyglot_pb2.DetectLanguageResponse, _abc.Awaitable[_polyglot_pb2.DetectLanguageResponse]]:
+        """The language of each text, by fastText's lid.176 (176 languages, real weights shipped with the server):
+        the best FLORES-200 code with its probability, and the next likeliest. A language the translator does
+        not know has an empty `language` and its `iso_code` still set.
         """
 
 def add_PolyglotServicer_to_server(servicer: PolyglotServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
