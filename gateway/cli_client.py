@@ -157,6 +157,9 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         texts: Annotated[list[str], typer.Argument(help="Texts to label.")],
         format: Annotated[str, typer.Option(help="labels, bio or bioes.")] = "labels",
         scores: Annotated[str, typer.Option(help="none, logits or probabilities.")] = "none",
+        chunk: Annotated[
+            bool, typer.Option(help="Label long texts whole (overlapping windows) instead of cutting them.")
+        ] = False,
         model: Model = "",
         as_json: AsJson = False,
         server: Server = DEFAULT_SERVER,
@@ -168,7 +171,13 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         """Per-token labels as a table, and the spans they form."""
         reply = _call(
             Connection(server, api_key, tls_ca, tls_cert, tls_key),
-            lambda c: c.classify(texts, model=model, format=format, scores=scores),  # type: ignore[arg-type]
+            lambda c: c.classify(
+                texts,
+                model=model,
+                format=format,  # type: ignore[arg-type]
+                scores=scores,  # type: ignore[arg-type]
+                long_input="chunk" if chunk else "truncate",
+            ),
         )
         if as_json:
             return _json(reply)

@@ -41,6 +41,7 @@ Texts = str | Sequence[str]
 Metadata = Mapping[str, str] | Sequence[tuple[str, str]]
 LabelFormat = Literal["labels", "bio", "bioes"]
 ScoreKind = Literal["none", "logits", "probabilities"]
+LongInput = Literal["truncate", "chunk"]
 Pooling = Literal["mean", "cls"]
 R = TypeVar("R")
 P = ParamSpec("P")
@@ -55,6 +56,7 @@ _SCORES = {
     "probabilities": pb.SCORE_KIND_PROBABILITIES,
 }
 _POOLING = {"mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS}
+_LONG_INPUT = {"truncate": pb.LONG_INPUT_TRUNCATE, "chunk": pb.LONG_INPUT_CHUNK}
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -241,12 +243,14 @@ def classify_request(
     format: LabelFormat = "labels",
     scores: ScoreKind = "none",
     threshold: float | None = None,
+    long_input: LongInput = "truncate",
 ) -> pb.ClassifyRequest:
     request = pb.ClassifyRequest(
         texts=_texts(texts),
         model=model,
         format=_choice(_FORMATS, format, "format"),  # type: ignore[arg-type]
         return_scores=_choice(_SCORES, scores, "scores"),  # type: ignore[arg-type]
+        long_input=_choice(_LONG_INPUT, long_input, "long_input"),  # type: ignore[arg-type]
     )
     if threshold is not None:
         request.threshold = threshold
@@ -368,13 +372,15 @@ def _classify(
     format: LabelFormat = "labels",
     scores: ScoreKind = "none",
     threshold: float | None = None,
+    long_input: LongInput = "truncate",
     timeout: float | None = _UNSET,
     metadata: Metadata | None = None,
     wait_for_ready: bool | None = None,
     call: Call | None = None,
 ) -> _Prepared[pb.ClassifyResponse]:
-    """Per-token labels (and spans, for `bio`/`bioes`) with character offsets."""
-    request = classify_request(texts, model, format, scores, threshold)
+    """Per-token labels (and spans, for `bio`/`bioes`) with character offsets; `long_input="chunk"`
+    labels texts over the model's input limit whole, in overlapping windows."""
+    request = classify_request(texts, model, format, scores, threshold, long_input)
     return _Prepared("Classify", request, timeout, metadata, wait_for_ready, call)
 
 

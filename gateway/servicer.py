@@ -39,6 +39,11 @@ _SCORES: dict[int, Literal["none", "logits", "probabilities"]] = {
     pb.SCORE_KIND_LOGITS: "logits",
     pb.SCORE_KIND_PROBABILITIES: "probabilities",
 }
+_LONG_INPUT: dict[int, Literal["truncate", "chunk"]] = {
+    pb.LONG_INPUT_UNSPECIFIED: "truncate",
+    pb.LONG_INPUT_TRUNCATE: "truncate",
+    pb.LONG_INPUT_CHUNK: "chunk",
+}
 _POOLING: dict[int, Literal["mean", "cls"]] = {
     pb.POOLING_UNSPECIFIED: "mean",
     pb.POOLING_MEAN: "mean",
@@ -220,6 +225,7 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
                 format=_enum(_FORMATS, request.format, "format"),
                 scores=_enum(_SCORES, request.return_scores, "return_scores"),
                 threshold=request.threshold if request.HasField("threshold") else None,
+                long_input=_enum(_LONG_INPUT, request.long_input, "long_input"),
                 deadline=deadline_of(context),
             )
         )

@@ -32,6 +32,7 @@ from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, 
 from gateway.tokenization import Encoded, pad_batch
 
 Format = Literal["labels", "bio", "bioes"]
+LongInput = Literal["truncate", "chunk"]
 ScoreKind = Literal["none", "logits", "probabilities"]
 WINDOW = 510  # content tokens per window; <s> and </s> make 512
 DEFAULT_STRIDE = 64  # tokens between window starts, as wtpsplit
@@ -45,6 +46,7 @@ class ClassifyInput:
     format: Format = "labels"
     scores: ScoreKind = "none"
     threshold: float | None = None
+    long_input: LongInput = "truncate"  # chunk: the whole text, in overlapping windows
     deadline: float | None = None
 
 
@@ -266,6 +268,8 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
         self.limits.check(request.texts)
         threshold = self._threshold(request.threshold) if len(self.info.labels) == 1 else 0.5
         size = sum(map(len, request.texts))
+        if request.long_input == "chunk":
+            return await self._classify_whole(request, threshold, size)
         with self.serving(len(request.texts), request.deadline) as held:
             encoded = await off_loop(size, self.model.tokenizer.encode_batch, request.texts)
             timed = await self.batcher.submit_all(
@@ -279,6 +283,54 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
                 ],
             )
         return ClassifyOutput(results, self.labels, Usage(sum(len(e) for e in encoded)), Timing.of(timed))
+
+    async def _classify_whole(self, request: ClassifyInput, threshold: float, size: int) -> ClassifyOutput:
+        """Every token of every text: windows of the model's input size overlapping by half, run in the
+        same batches; each token's logits from the window where it sits farthest from either edge."""
+        width = self.model.tokenizer.max_length - 2  # content tokens; <s> and </s> frame each window
+        stride = max(width // 2, 1)
+        expected = sum(max(1, len(text) // (4 * stride)) for text in request.texts)
+        with self.serving(len(request.texts), request.deadline, rows=expected) as held:
+            encoded = await off_loop(
+                size,
+                self.model.tokenizer.encode_batch,
+                request.texts,
+                add_special_tokens=False,
+                truncate=False,
+            )
+            plans = [windows(len(e), stride, width) if len(e) else [] for e in encoded]
+            rows = [
+                ([self.bos, *e.ids[a:b], self.eos], b - a + 2)
+                for e, plan in zip(encoded, plans, strict=True)
+                for a, b in plan
+            ]
+            timed = await self.batcher.submit_all(rows, request.deadline, reservation=held)
+            results = await off_loop(size, self._stitched, request, threshold, encoded, plans, timed)
+        tokens = sum(b - a + 2 for plan in plans for a, b in plan)
+        return ClassifyOutput(results, self.labels, Usage(tokens), Timing.of(timed))
+
+    def _stitched(
+        self,
+        request: ClassifyInput,
+        threshold: float,
+        encoded: list[Encoded],
+        plans: list[list[tuple[int, int]]],
+        timed: list[Timed[np.ndarray]],
+    ) -> list[ClassifiedText]:
+        results, cursor = [], 0
+        for text, e, plan in zip(request.texts, encoded, plans, strict=True):
+            outputs = [t.value[1:-1] for t in timed[cursor : cursor + len(plan)]]
+            cursor += len(plan)
+            logits = np.zeros((len(e), len(self.labels)), dtype=np.float32)
+            margin = np.full(len(e), -1)
+            for (a, b), window in zip(plan, outputs, strict=True):
+                positions = np.arange(a, b)
+                room = np.minimum(positions - a, b - 1 - positions)  # context on the thinner side
+                better = room > margin[a:b]
+                logits[a:b][better] = window[better]
+                margin[a:b] = np.maximum(margin[a:b], room)
+            results.append(self._classified(text, e, logits, request, threshold))
+        return results
 
     def _classified(
         self, text: str, encoded: Encoded, logits: np.ndarray, request: ClassifyInput, threshold: float

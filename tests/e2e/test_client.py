@@ -49,6 +49,11 @@ async def test_sync_client(gateway: GatewayServer) -> None:
             embeddings = vectors(client.embed(["a", "b"], normalize=True))
             np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
             assert client.classify("Hi there. Bye.", format="bio").results[0].tokens
+            long = " ".join(f"Sentence number {i} is here." for i in range(300))
+            whole = client.classify(long, long_input="chunk").results[0]
+            assert not whole.truncated
+            assert whole.tokens[-1].end == len(long)  # up to the final period
+            assert client.classify(long).results[0].truncated
             assert client.segment("Hi there. Bye.").results[0].sentences
             assert client.fill_mask("A [MASK] day.", top_k=2).results[0].masks[0].predictions
             assert len(client.list_models().models) == 4

@@ -315,3 +315,44 @@ def test_split_points_of_a_text_of_newlines() -> None:
     """The input that froze the server: 19,999 newlines (each a cut) and a letter."""
     text = "\n" * 19999 + "x"
     assert split_points(text, np.zeros(len(text), dtype=np.float32), 0.5) == [19999, 20000]
+
+
+async def test_classify_chunk_labels_a_long_text_whole(sat: TokenClassificationModel, demo_dir: Path) -> None:
+    """long_input chunk: every token of a text over the input limit, each with the logits of the window
+    (510 content tokens, starts 255 apart) where it has the most context on both sides."""
+    text = (_paragraph("eng_Latn", 30) + " ") * 3
+    tok = AutoTokenizer.from_pretrained(demo_dir / "sat-demo")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    assert len(ids) > 1200  # several windows
+    model = load_token_classifier(open_checkpoint(demo_dir / "sat-demo"))
+    expected = np.zeros((len(ids), 1))
+    margin = np.full(len(ids), -1)
+    start = 0
+    while True:
+        end = min(start + 510, len(ids))
+        first = max(end - 510, 0) if end == len(ids) else start
+        window = torch.tensor([[tok.cls_token_id, *ids[first:end], tok.sep_token_id]])
+        with torch.no_grad():
+            logits = model(window, torch.ones_like(window))[0, 1:-1].numpy()
+        for position in range(first, end):
+            room = min(position - first, end - 1 - position)
+            if room > margin[position]:
+                expected[position], margin[position] = logits[position - first], room
+        if end == len(ids):
+            break
+        start += 255
+    result = await sat.classify(ClassifyInput([text, "Short one."], scores="logits", long_input="chunk"))
+    whole, short = result.results
+    assert not whole.truncated
+    assert [(t.start, t.end) for t in whole.tokens] == [tuple(o) for o in offsets]
+    np.testing.assert_allclose([t.scores for t in whole.tokens], expected, atol=1e-4)
+    assert all(text[t.start : t.end] == t.token for t in whole.tokens)
+    cut = await sat.classify(ClassifyInput(["Short one."], scores="logits"))
+    assert [t.label for t in short.tokens] == [t.label for t in cut.results[0].tokens]
+    np.testing.assert_allclose(
+        [t.scores for t in short.tokens], [t.scores for t in cut.results[0].tokens], atol=1e-5
+    )
+    truncated = await sat.classify(ClassifyInput([text]))
+    assert truncated.results[0].truncated
+    assert len(truncated.results[0].tokens) == 510 < len(whole.tokens)

@@ -95,6 +95,33 @@ SCORE_KIND_PROBABILITIES: ScoreKind.ValueType  # 2
 """softmax over labels; sigmoid for single-label models"""
 Global___ScoreKind: _TypeAlias = ScoreKind  # noqa: Y015
 
+class _LongInput:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LongInputEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LongInput.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LONG_INPUT_UNSPECIFIED: _LongInput.ValueType  # 0
+    """TRUNCATE"""
+    LONG_INPUT_TRUNCATE: _LongInput.ValueType  # 1
+    """cut to the model's input limit; the reply says `truncated`"""
+    LONG_INPUT_CHUNK: _LongInput.ValueType  # 2
+    """Classify: the whole text in windows of the model's input size overlapping by half, each token
+    labelled by the window in which it has the most context on both sides; never `truncated`.
+    """
+
+class LongInput(_LongInput, metaclass=_LongInputEnumTypeWrapper): ...
+
+LONG_INPUT_UNSPECIFIED: LongInput.ValueType  # 0
+"""TRUNCATE"""
+LONG_INPUT_TRUNCATE: LongInput.ValueType  # 1
+"""cut to the model's input limit; the reply says `truncated`"""
+LONG_INPUT_CHUNK: LongInput.ValueType  # 2
+"""Classify: the whole text in windows of the model's input size overlapping by half, each token
+labelled by the window in which it has the most context on both sides; never `truncated`.
+"""
+Global___LongInput: _TypeAlias = LongInput  # noqa: Y015
+
 class _Pooling:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -498,6 +525,7 @@ class ClassifyRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     RETURN_SCORES_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
+    LONG_INPUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     format: Global___LabelFormat.ValueType
     return_scores: Global___ScoreKind.ValueType
@@ -506,6 +534,8 @@ class ClassifyRequest(_message.Message):
     """Single-label models (SaT): probability above which a token is labelled positive. Unset: the model's
     default (0.25 for SaT `-sm` models, 0.025 for the others).
     """
+    long_input: Global___LongInput.ValueType
+    """Texts longer than the model's input: cut (TRUNCATE, flagged `truncated`) or labelled whole (CHUNK)."""
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -516,10 +546,11 @@ class ClassifyRequest(_message.Message):
         format: Global___LabelFormat.ValueType = ...,
         return_scores: Global___ScoreKind.ValueType = ...,
         threshold: _builtins.float | None = ...,
+        long_input: Global___LongInput.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "format", b"format", "model", b"model", "return_scores", b"return_scores", "texts", b"texts", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "format", b"format", "long_input", b"long_input", "model", b"model", "return_scores", b"return_scores", "texts", b"texts", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
     _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015
