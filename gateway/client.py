@@ -282,7 +282,13 @@ def segment_request(
 
 
 def embed_request(
-    texts: Texts, model: str = "", pooling: Pooling = "mean", normalize: bool = False, truncate: bool = True
+    texts: Texts,
+    model: str = "",
+    pooling: Pooling = "mean",
+    normalize: bool = False,
+    truncate: bool = True,
+    long_input: LongInput = "truncate",
+    return_chunks: bool = False,
 ) -> pb.EmbedRequest:
     return pb.EmbedRequest(
         texts=_texts(texts),
@@ -290,6 +296,8 @@ def embed_request(
         pooling=_choice(_POOLING, pooling, "pooling"),  # type: ignore[arg-type]
         normalize=normalize,
         truncate=truncate,
+        long_input=_choice(_LONG_INPUT, long_input, "long_input"),  # type: ignore[arg-type]
+        return_chunks=return_chunks,
     )
 
 
@@ -413,13 +421,16 @@ def _embed(
     pooling: Pooling = "mean",
     normalize: bool = False,
     truncate: bool = True,
+    long_input: LongInput = "truncate",
+    return_chunks: bool = False,
     timeout: float | None = _UNSET,
     metadata: Metadata | None = None,
     wait_for_ready: bool | None = None,
     call: Call | None = None,
 ) -> _Prepared[pb.EmbedResponse]:
-    """Sentence embeddings (`vectors(reply)` gives them as one numpy array)."""
-    request = embed_request(texts, model, pooling, normalize, truncate)
+    """Sentence embeddings (`vectors(reply)` gives them as one numpy array); `long_input="chunk"` embeds
+    long texts whole, as the token-weighted mean of chunks cut at sentence ends."""
+    request = embed_request(texts, model, pooling, normalize, truncate, long_input, return_chunks)
     return _Prepared("Embed", request, timeout, metadata, wait_for_ready, call)
 
 

@@ -259,17 +259,42 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
         served = self.registry.resolve("embedding", request.model)
         model = served.model
         assert isinstance(model, emb.EmbeddingModel)
+        deadline = deadline_of(context)
         result = await model.embed(
             emb.EmbedInput(
                 texts=list(request.texts),
                 pooling=_enum(_POOLING, request.pooling, "pooling"),
                 normalize=request.normalize,
                 truncate=request.truncate,
-                deadline=deadline_of(context),
-            )
+                long_input=_enum(_LONG_INPUT, request.long_input, "long_input"),
+                return_chunks=request.return_chunks,
+                deadline=deadline,
+            ),
+            self._sentence_ends(deadline),
         )
         size = len(result.embeddings) * result.dimensions // 64
         return await off_loop(size, _embed_reply, served.name, result, started)
+
+    def _sentence_ends(self, deadline: float | None) -> emb.Boundaries | None:
+        """Where the server's default SaT model ends each sentence of some texts, if it serves one."""
+        segmenter = next(
+            (
+                entry.model
+                for entry in self.registry.all()
+                if isinstance(entry.model, tc.TokenClassificationModel)
+                and entry.model.info.sat
+                and self.registry.is_default(entry.name)
+            ),
+            None,
+        )
+        if segmenter is None:
+            return None
+
+        async def ends(texts: list[str]) -> list[list[int]]:
+            found = await segmenter.segment(tc.SegmentInput(texts, deadline=deadline))
+            return [[s.end for s in text.sentences] for text in found.results]
+
+        return ends
 
     async def FillMask(
         self, request: pb.FillMaskRequest, context: aio.ServicerContext
@@ -383,7 +408,17 @@ def _segment_reply(model: str, result: tc.SegmentOutput, started: float) -> pb.S
 
 def _embed_reply(model: str, result: emb.EmbedOutput, started: float) -> pb.EmbedResponse:
     return pb.EmbedResponse(
-        embeddings=[pb.Embedding(values=e.values.tolist(), truncated=e.truncated) for e in result.embeddings],
+        embeddings=[
+            pb.Embedding(
+                values=e.values.tolist(),
+                truncated=e.truncated,
+                chunks=[
+                    pb.EmbeddingChunk(start=c.start, end=c.end, tokens=c.tokens, values=c.values.tolist())
+                    for c in e.chunks
+                ],
+            )
+            for e in result.embeddings
+        ],
         model=model,
         dimensions=result.dimensions,
         usage=_usage(result.usage),

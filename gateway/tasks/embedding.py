@@ -5,7 +5,8 @@ Each text is one batcher item; a batch pads its items to the longest and runs th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -18,6 +19,8 @@ from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, 
 from gateway.tokenization import Encoded, pad_batch
 
 Pooling = Literal["mean", "cls"]
+# Sentence ends (code-point offsets) of each text, for chunking long ones at sentence boundaries
+Boundaries = Callable[[list[str]], Awaitable[list[list[int]]]]
 
 
 @dataclass(frozen=True)
@@ -26,13 +29,24 @@ class EmbedInput:
     pooling: Pooling = "mean"
     normalize: bool = False
     truncate: bool = True  # False: texts over the input limit are refused instead of cut
+    long_input: Literal["truncate", "chunk"] = "truncate"  # chunk: the whole text, in chunks that fit
+    return_chunks: bool = False
     deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int  # code-point offsets into the text
+    end: int
+    tokens: int  # its weight: the tokens the encoder read (special tokens included)
+    values: np.ndarray
 
 
 @dataclass(frozen=True)
 class Embedding:
     values: np.ndarray  # float32 [dimensions]
     truncated: bool
+    chunks: list[Chunk] = field(default_factory=list)  # long_input chunk with return_chunks
 
 
 @dataclass(frozen=True)
@@ -74,8 +88,13 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
     def _output_name(self, pooling: Pooling, normalize: bool) -> str:
         return self._outputs[f"{pooling}_normalized" if normalize else pooling]
 
-    async def embed(self, request: EmbedInput) -> EmbedOutput:
+    async def embed(self, request: EmbedInput, boundaries: Boundaries | None = None) -> EmbedOutput:
+        """Embed each text; with long_input chunk, a text over the input limit is cut into chunks that fit
+        (at the sentence ends `boundaries` gives, else at token boundaries), all embedded in the same
+        batches, and its vector is their token-weighted mean (normalized after, if asked)."""
         self.limits.check(request.texts)
+        if request.long_input == "chunk":
+            return await self._embed_chunked(request, boundaries)
         with self.serving(len(request.texts), request.deadline) as held:
             encoded = await off_loop(sum(map(len, request.texts)), self._encode, request)
             output = self._output_name(request.pooling, request.normalize)
@@ -88,6 +107,50 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
             usage=Usage(input_tokens=sum(len(e) for e in encoded)),
             timing=Timing.of(timed),
         )
+
+    async def _embed_chunked(self, request: EmbedInput, boundaries: Boundaries | None) -> EmbedOutput:
+        size = sum(map(len, request.texts))
+        tokenizer = self.model.tokenizer
+        whole = await off_loop(size, tokenizer.encode_batch, request.texts, False, False)
+        room = tokenizer.max_length - len(tokenizer.encode_batch([""])[0])  # content tokens per chunk
+        long = [index for index, e in enumerate(whole) if len(e) > room]
+        ends: dict[int, list[int]] = {}
+        if long and boundaries is not None:
+            found = await boundaries([request.texts[index] for index in long])
+            ends = dict(zip(long, found, strict=True))
+        spans = [
+            _chunks(text, e, room, ends.get(index, []))
+            if index in ends or len(e) > room
+            else [(0, len(text))]
+            for index, (text, e) in enumerate(zip(request.texts, whole, strict=True))
+        ]
+        pieces = [request.texts[i][a:b] for i, text_spans in enumerate(spans) for a, b in text_spans]
+        output = self._output_name(request.pooling, normalize=False)
+        with self.serving(len(pieces), request.deadline) as held:
+            encoded = await off_loop(size, tokenizer.encode_batch, pieces)
+            timed = await self.batcher.submit_all(
+                [(_EmbedItem(e, output), len(e)) for e in encoded], request.deadline, reservation=held
+            )
+        embeddings, cursor = [], 0
+        for text_spans in spans:
+            parts = [
+                Chunk(a, b, len(e), t.value)
+                for (a, b), e, t in zip(
+                    text_spans,
+                    encoded[cursor : cursor + len(text_spans)],
+                    timed[cursor : cursor + len(text_spans)],
+                    strict=True,
+                )
+            ]
+            cursor += len(text_spans)
+            weights = np.array([c.tokens for c in parts], dtype=np.float64)
+            mean = (np.stack([c.values for c in parts]) * weights[:, None]).sum(0) / weights.sum()
+            if request.normalize:
+                mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
+            embeddings.append(
+                Embedding(mean.astype(np.float32), False, parts if request.return_chunks else [])
+            )
+        return EmbedOutput(embeddings, self.dimensions, Usage(sum(len(e) for e in encoded)), Timing.of(timed))
 
     def _encode(self, request: EmbedInput) -> list[Encoded]:
         encoded = self.model.tokenizer.encode_batch(request.texts)
@@ -107,3 +170,23 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
         names = sorted({i.output for i in items})
         out = await self.model.backend.run({"input_ids": input_ids, "attention_mask": attention_mask}, names)
         return [out[item.output][row].astype(np.float32, copy=False) for row, item in enumerate(items)]
+
+
+def _chunks(text: str, encoded: Encoded, room: int, sentence_ends: list[int]) -> list[tuple[int, int]]:
+    """Spans of `text` of at most `room` tokens each, cut at the last sentence end that fits (or, inside a
+    sentence longer than that, at a token boundary). Between chunks, whitespace goes with neither."""
+    offsets = encoded.offsets
+    if not offsets:
+        return [(0, len(text))]
+    # a cut may fall before token i when a sentence ends at or before that token's start
+    starts = np.array([start for start, _ in offsets])
+    cuttable = set(np.searchsorted(starts, sentence_ends).tolist())
+    spans, first = [], 0
+    while first < len(offsets):
+        last = min(first + room, len(offsets))
+        if last < len(offsets):
+            best = max((i for i in cuttable if first < i <= last), default=last)
+            last = best
+        spans.append((offsets[first][0], offsets[last - 1][1]))
+        first = last
+    return spans

@@ -76,3 +76,51 @@ async def test_embed_truncation_is_flagged_or_refused(embedder: EmbeddingModel) 
 async def test_embed_rejects_bad_input(embedder: EmbeddingModel, texts: list[str], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         await embedder.embed(EmbedInput(texts))
+
+
+def _sentence_ends(text: str) -> list[int]:
+    return [index + 1 for index, char in enumerate(text) if char == "."]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+async def test_embed_chunk_is_the_token_weighted_mean_of_its_chunks(
+    embedder: EmbeddingModel, normalize: bool
+) -> None:
+    """long_input chunk: a text over the limit is cut at sentence ends into chunks that fit, and its vector
+    equals the token-weighted mean of embedding each chunk alone (normalized after, when asked)."""
+    long_text = " ".join(TEXTS * 12)
+    tokenizer = embedder.model.tokenizer
+
+    async def ends(texts: list[str]) -> list[list[int]]:
+        return [_sentence_ends(text) for text in texts]
+
+    result = await embedder.embed(
+        EmbedInput([long_text, TEXTS[0]], normalize=normalize, long_input="chunk", return_chunks=True), ends
+    )
+    whole, short = result.embeddings
+    assert not whole.truncated
+    assert len(whole.chunks) > 2
+    room = tokenizer.max_length - 2
+    vectors, weights = [], []
+    for chunk in whole.chunks:
+        piece = long_text[chunk.start : chunk.end]
+        assert len(tokenizer.encode_batch([piece], add_special_tokens=False, truncate=False)[0]) <= room
+        alone = await embedder.embed(EmbedInput([piece]))
+        np.testing.assert_allclose(chunk.values, alone.embeddings[0].values, atol=1e-5)
+        vectors.append(alone.embeddings[0].values)
+        weights.append(len(tokenizer.encode_batch([piece])[0]))
+        assert chunk.tokens == weights[-1]
+    assert [c.end for c in whole.chunks[:-1]] == sorted(c.end for c in whole.chunks[:-1])
+    assert {c.end for c in whole.chunks[:-1]} <= set(_sentence_ends(long_text))  # cut at sentence ends
+    assert whole.chunks[-1].end == len(long_text)
+    expected = np.average(np.stack(vectors), axis=0, weights=weights)
+    if normalize:
+        expected = expected / np.linalg.norm(expected)
+    np.testing.assert_allclose(whole.values, expected, atol=1e-5)
+    plain = await embedder.embed(EmbedInput([TEXTS[0]], normalize=normalize))
+    np.testing.assert_allclose(short.values, plain.embeddings[0].values, atol=1e-5)
+    cut = await embedder.embed(EmbedInput([long_text], long_input="chunk", return_chunks=True))  # no SaT
+    assert all(
+        len(tokenizer.encode_batch([long_text[c.start : c.end]])[0]) <= room + 2
+        for c in cut.embeddings[0].chunks
+    )

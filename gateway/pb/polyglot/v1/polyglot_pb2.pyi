@@ -107,7 +107,8 @@ class _LongInputEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LongInput.V
     """cut to the model's input limit; the reply says `truncated`"""
     LONG_INPUT_CHUNK: _LongInput.ValueType  # 2
     """Classify: the whole text in windows of the model's input size overlapping by half, each token
-    labelled by the window in which it has the most context on both sides; never `truncated`.
+    labelled by the window in which it has the most context on both sides. Embed: see EmbedRequest.
+    Never `truncated`.
     """
 
 class LongInput(_LongInput, metaclass=_LongInputEnumTypeWrapper): ...
@@ -118,7 +119,8 @@ LONG_INPUT_TRUNCATE: LongInput.ValueType  # 1
 """cut to the model's input limit; the reply says `truncated`"""
 LONG_INPUT_CHUNK: LongInput.ValueType  # 2
 """Classify: the whole text in windows of the model's input size overlapping by half, each token
-labelled by the window in which it has the most context on both sides; never `truncated`.
+labelled by the window in which it has the most context on both sides. Embed: see EmbedRequest.
+Never `truncated`.
 """
 Global___LongInput: _TypeAlias = LongInput  # noqa: Y015
 
@@ -854,6 +856,8 @@ class EmbedRequest(_message.Message):
     POOLING_FIELD_NUMBER: _builtins.int
     NORMALIZE_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
+    LONG_INPUT_FIELD_NUMBER: _builtins.int
+    RETURN_CHUNKS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     pooling: Global___Pooling.ValueType
     normalize: _builtins.bool
@@ -862,6 +866,14 @@ class EmbedRequest(_message.Message):
     """Texts over the model's input limit are truncated when true (flagged in the reply) and rejected with
     INVALID_ARGUMENT when false.
     """
+    long_input: Global___LongInput.ValueType
+    """CHUNK: a text over the input limit is cut into chunks that fit, at the sentence ends of the server's
+    SaT model (at token boundaries when it serves none, or inside a sentence too long for one chunk),
+    embedded in the same batches; its vector is the chunks' token-weighted mean, normalized after when
+    `normalize`. Overrides `truncate`.
+    """
+    return_chunks: _builtins.bool
+    """With CHUNK: also return each chunk's span, token count and (unnormalized) vector."""
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -872,14 +884,47 @@ class EmbedRequest(_message.Message):
         pooling: Global___Pooling.ValueType = ...,
         normalize: _builtins.bool = ...,
         truncate: _builtins.bool = ...,
+        long_input: Global___LongInput.ValueType = ...,
+        return_chunks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "normalize", b"normalize", "pooling", b"pooling", "texts", b"texts", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["long_input", b"long_input", "model", b"model", "normalize", b"normalize", "pooling", b"pooling", "return_chunks", b"return_chunks", "texts", b"texts", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class EmbeddingChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    """code-point offsets into the text"""
+    end: _builtins.int
+    tokens: _builtins.int
+    """its weight in the mean: the tokens the encoder read, special tokens included"""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "tokens", b"tokens", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbeddingChunk: _TypeAlias = EmbeddingChunk  # noqa: Y015
 
 @_typing.final
 class Embedding(_message.Message):
@@ -887,18 +932,24 @@ class Embedding(_message.Message):
 
     VALUES_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     truncated: _builtins.bool
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___EmbeddingChunk]:
+        """long_input CHUNK with return_chunks"""
+
     def __init__(
         self,
         *,
         values: _abc.Iterable[_builtins.float] | None = ...,
         truncated: _builtins.bool = ...,
+        chunks: _abc.Iterable[Global___EmbeddingChunk] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["truncated", b"truncated", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "truncated", b"truncated", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
