@@ -176,16 +176,24 @@ def test_translate_tokens(stub: Stub, texts: list[str], target: str, options: An
 
 
 @EXAMPLES
-@given(texts, models, enums, enums, st.one_of(st.none(), floats))
+@given(texts, models, enums, enums, st.one_of(st.none(), floats), enums)
 def test_classify(
-    stub: Stub, texts: list[str], model: str, label_format: int, scores: int, threshold: float | None
+    stub: Stub,
+    texts: list[str],
+    model: str,
+    label_format: int,
+    scores: int,
+    threshold: float | None,
+    long_input: int,
 ) -> None:
-    request = pb.ClassifyRequest(texts=texts, model=model, format=label_format, return_scores=scores)
+    request = pb.ClassifyRequest(
+        texts=texts, model=model, format=label_format, return_scores=scores, long_input=long_input
+    )
     _call(stub, "Classify", _optional(request, "threshold", threshold))
 
 
 @EXAMPLES
-@given(texts, models, st.one_of(st.none(), floats), counts, counts, st.booleans())
+@given(texts, models, st.one_of(st.none(), floats), counts, counts, *[st.booleans()] * 3)
 def test_segment(
     stub: Stub,
     texts: list[str],
@@ -194,20 +202,41 @@ def test_segment(
     max_length: int,
     stride: int,
     probabilities: bool,
+    compat: bool,
+    strip: bool,
 ) -> None:
     request = pb.SegmentRequest(
-        texts=texts, model=model, max_length=max_length, stride=stride, return_probabilities=probabilities
+        texts=texts,
+        model=model,
+        max_length=max_length,
+        stride=stride,
+        return_probabilities=probabilities,
+        wtpsplit_compat=compat,
+        strip_whitespace=strip,
     )
     _call(stub, "Segment", _optional(request, "threshold", threshold))
 
 
 @EXAMPLES
-@given(texts, models, enums, st.booleans(), st.booleans())
+@given(texts, models, enums, st.booleans(), st.booleans(), enums, st.booleans())
 def test_embed(
-    stub: Stub, texts: list[str], model: str, pooling: int, normalize: bool, truncate: bool
+    stub: Stub,
+    texts: list[str],
+    model: str,
+    pooling: int,
+    normalize: bool,
+    truncate: bool,
+    long_input: int,
+    chunks: bool,
 ) -> None:
     request = pb.EmbedRequest(
-        texts=texts, model=model, pooling=pooling, normalize=normalize, truncate=truncate
+        texts=texts,
+        model=model,
+        pooling=pooling,
+        normalize=normalize,
+        truncate=truncate,
+        long_input=long_input,
+        return_chunks=chunks,
     )
     _call(stub, "Embed", request)
 
