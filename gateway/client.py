@@ -43,6 +43,7 @@ LabelFormat = Literal["labels", "bio", "bioes"]
 ScoreKind = Literal["none", "logits", "probabilities"]
 LongInput = Literal["truncate", "chunk"]
 Pooling = Literal["mean", "cls"]
+DocumentFormat = Literal["text", "markdown", "html"]
 R = TypeVar("R")
 P = ParamSpec("P")
 
@@ -57,6 +58,11 @@ _SCORES = {
 }
 _POOLING = {"mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS}
 _LONG_INPUT = {"truncate": pb.LONG_INPUT_TRUNCATE, "chunk": pb.LONG_INPUT_CHUNK}
+_DOCUMENT_FORMATS = {
+    "text": pb.DOCUMENT_FORMAT_TEXT,
+    "markdown": pb.DOCUMENT_FORMAT_MARKDOWN,
+    "html": pb.DOCUMENT_FORMAT_HTML,
+}
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -237,6 +243,29 @@ def translate_request(
     )
 
 
+def translate_document_request(
+    document: str,
+    target_lang: str,
+    format: DocumentFormat = "text",
+    source_lang: str = "auto",
+    model: str = "",
+    beam_size: int = 1,
+    max_new_tokens: int = 0,
+    segmenter: str = "",
+) -> pb.TranslateDocumentRequest:
+    """A TranslateDocumentRequest: `format` text, markdown or html; `source_lang` "auto" detects each
+    sentence's language."""
+    return pb.TranslateDocumentRequest(
+        document=document,
+        format=_choice(_DOCUMENT_FORMATS, format, "format"),  # type: ignore[arg-type]
+        source_lang=source_lang,
+        target_lang=target_lang,
+        model=model,
+        options=pb.TranslateOptions(beam_size=beam_size, max_new_tokens=max_new_tokens),
+        segmenter=segmenter,
+    )
+
+
 def classify_request(
     texts: Texts,
     model: str = "",
@@ -371,6 +400,30 @@ def _translate(
         early_stopping, temperature, top_k, top_p, seed, return_scores,
     )  # fmt: skip
     return _Prepared("Translate", request, timeout, metadata, wait_for_ready, call)
+
+
+def _translate_document(
+    document: str,
+    target_lang: str,
+    *,
+    format: DocumentFormat = "text",
+    source_lang: str = "auto",
+    model: str = "",
+    beam_size: int = 1,
+    max_new_tokens: int = 0,
+    segmenter: str = "",
+    timeout: float | None = _UNSET,
+    metadata: Metadata | None = None,
+    wait_for_ready: bool | None = None,
+    call: Call | None = None,
+) -> _Prepared[pb.TranslateDocumentResponse]:
+    """Translate a whole document (`format` text, markdown or html), keeping its structure; each
+    sentence's language is detected unless `source_lang` is given. `translate_document_stream` sends the
+    translation part by part."""
+    request = translate_document_request(
+        document, target_lang, format, source_lang, model, beam_size, max_new_tokens, segmenter
+    )
+    return _Prepared("TranslateDocument", request, timeout, metadata, wait_for_ready, call)
 
 
 def _classify(
@@ -611,6 +664,7 @@ class PolyglotClient(_Base):
             replies.cancel()  # a caller that stops reading ends the call
 
     translate = _sync(_translate)
+    translate_document = _sync(_translate_document)
     classify = _sync(_classify)
     segment = _sync(_segment)
     embed = _sync(_embed)
@@ -645,6 +699,21 @@ class PolyglotClient(_Base):
         is the whole reply."""
         return self._stream(
             lambda **kw: self.stub.TranslateTokens(request, **kw),
+            self._kwargs(timeout, metadata, wait_for_ready),
+        )
+
+    def translate_document_stream(
+        self,
+        request: pb.TranslateDocumentRequest,
+        *,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> Iterator[pb.TranslateDocumentProgress]:
+        """A document's translation part by part (`translate_document_request(...)`), in order; the last
+        message's `result` is the whole reply."""
+        return self._stream(
+            lambda **kw: self.stub.TranslateDocumentStream(request, **kw),
             self._kwargs(timeout, metadata, wait_for_ready),
         )
 
@@ -717,6 +786,7 @@ class AsyncPolyglotClient(_Base):
             running.cancel()  # a caller that stops reading ends the call
 
     translate = _async(_translate)
+    translate_document = _async(_translate_document)
     classify = _async(_classify)
     segment = _async(_segment)
     embed = _async(_embed)
@@ -748,6 +818,19 @@ class AsyncPolyglotClient(_Base):
         """The tokens of a greedy or sampled translation as they are chosen, then the whole reply."""
         return self._stream(
             self.stub.TranslateTokens(request, **self._kwargs(timeout, metadata, wait_for_ready))
+        )
+
+    def translate_document_stream(
+        self,
+        request: pb.TranslateDocumentRequest,
+        *,
+        timeout: float | None = _UNSET,
+        metadata: Metadata | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> AsyncIterator[pb.TranslateDocumentProgress]:
+        """A document's translation part by part, in order, then the whole reply."""
+        return self._stream(
+            self.stub.TranslateDocumentStream(request, **self._kwargs(timeout, metadata, wait_for_ready))
         )
 
     async def health(

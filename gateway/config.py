@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from gateway.batcher import BatcherSettings
+from gateway.documents.translate import DocumentLimits
 from gateway.errors import InvalidInput
 from gateway.tasks.base import TextLimits
 
@@ -59,6 +60,9 @@ class LimitsConfig(_Frozen):
     max_in_flight_per_model: int = Field(256, ge=1)  # requests of one model at once (a stream's each count)
     max_masks: int = Field(16, ge=1)  # FillMask: mask tokens per text
     max_reply_chars: int = Field(4_000_000, ge=1)  # FillMask: text its `sequence`s repeat, all together
+    max_document_bytes: int = Field(1_000_000, ge=1)  # TranslateDocument: UTF-8 bytes of the document
+    max_document_sentences: int = Field(20_000, ge=1)  # TranslateDocument: sentences and attribute values
+    max_html_depth: int = Field(256, ge=1)  # TranslateDocument: how deep HTML elements may nest
 
     def text_limits(self) -> TextLimits:
         return TextLimits(
@@ -70,11 +74,14 @@ class LimitsConfig(_Frozen):
             max_reply_chars=self.max_reply_chars,
         )
 
+    def document_limits(self) -> DocumentLimits:
+        return DocumentLimits(self.max_document_bytes, self.max_document_sentences, self.max_html_depth)
+
     @property
     def max_message_bytes(self) -> int:
-        """The largest request worth parsing: every character of a request at 4 bytes (UTF-8's most), and
-        room for the rest of the message."""
-        return 4 * self.max_request_chars + 64 * 1024
+        """The largest request worth parsing: every character of a request at 4 bytes (UTF-8's most), or
+        the largest document, and room for the rest of the message."""
+        return max(4 * self.max_request_chars, self.max_document_bytes) + 64 * 1024
 
 
 class TlsConfig(_Frozen):

@@ -236,7 +236,8 @@ class GatewayServer:
             ],
         )
         polyglot_pb2_grpc.add_PolyglotServicer_to_server(
-            PolyglotServicer(self.registry, config.limits.text_limits()), self.server
+            PolyglotServicer(self.registry, config.limits.text_limits(), config.limits.document_limits()),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 from grpc import aio
 
 from gateway import langid
+from gateway.documents import translate as doc
 from gateway.errors import GatewayError, InvalidInput
 from gateway.interceptors import client_message, status_of
 from gateway.metrics import label_request
@@ -43,6 +44,12 @@ _LONG_INPUT: dict[int, Literal["truncate", "chunk"]] = {
     pb.LONG_INPUT_UNSPECIFIED: "truncate",
     pb.LONG_INPUT_TRUNCATE: "truncate",
     pb.LONG_INPUT_CHUNK: "chunk",
+}
+_DOCUMENT_FORMATS: dict[int, Literal["text", "markdown", "html"]] = {
+    pb.DOCUMENT_FORMAT_UNSPECIFIED: "text",
+    pb.DOCUMENT_FORMAT_TEXT: "text",
+    pb.DOCUMENT_FORMAT_MARKDOWN: "markdown",
+    pb.DOCUMENT_FORMAT_HTML: "html",
 }
 _POOLING: dict[int, Literal["mean", "cls"]] = {
     pb.POOLING_UNSPECIFIED: "mean",
@@ -95,40 +102,103 @@ def _enum(table: Mapping[int, E], value: int, field: str) -> E:
 MAX_LANGUAGE_CANDIDATES = 10
 
 
+def _decoding_options(o: pb.TranslateOptions) -> tr.DecodingOptions:
+    sampling = None
+    if o.HasField("sampling"):
+        s = o.sampling
+        sampling = tr.SamplingOptions(
+            temperature=s.temperature or 1.0,
+            top_k=s.top_k,
+            top_p=s.top_p or 1.0,
+            seed=s.seed if s.HasField("seed") else None,
+        )
+    return tr.DecodingOptions(
+        beam_size=max(1, o.beam_size),
+        max_new_tokens=o.max_new_tokens,
+        length_penalty=o.length_penalty if o.HasField("length_penalty") else 1.0,
+        early_stopping=o.early_stopping,
+        num_return=max(1, o.num_return),
+        sampling=sampling,
+        return_scores=o.return_scores,
+    )
+
+
 class PolyglotServicer(pb_grpc.PolyglotServicer):
-    def __init__(self, registry: Registry, limits: TextLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        limits: TextLimits = DEFAULT_LIMITS,
+        document_limits: doc.DocumentLimits = doc.DEFAULT_LIMITS,
+    ) -> None:
         self.registry = registry
         self.limits = limits  # of the requests no task model takes (DetectLanguage)
+        self.document_limits = document_limits
 
     # ------------------------------------------------------------------------------------------ translate
 
     def _translate_input(self, request: pb.TranslateRequest, deadline: float | None) -> tr.TranslateInput:
-        o = request.options
-        sampling = None
-        if o.HasField("sampling"):
-            s = o.sampling
-            sampling = tr.SamplingOptions(
-                temperature=s.temperature or 1.0,
-                top_k=s.top_k,
-                top_p=s.top_p or 1.0,
-                seed=s.seed if s.HasField("seed") else None,
-            )
-        options = tr.DecodingOptions(
-            beam_size=max(1, o.beam_size),
-            max_new_tokens=o.max_new_tokens,
-            length_penalty=o.length_penalty if o.HasField("length_penalty") else 1.0,
-            early_stopping=o.early_stopping,
-            num_return=max(1, o.num_return),
-            sampling=sampling,
-            return_scores=o.return_scores,
-        )
         return tr.TranslateInput(
             texts=list(request.texts),
             source_lang=request.source_lang,
             target_lang=request.target_lang,
-            options=options,
+            options=_decoding_options(request.options),
             deadline=deadline,
         )
+
+    # ------------------------------------------------------------------------------------------ documents
+
+    def _document(
+        self, request: pb.TranslateDocumentRequest, context: aio.ServicerContext
+    ) -> tuple[str, doc.DocumentTranslator, doc.DocumentInput]:
+        segmenter = self._segmenter(request.segmenter)  # first: the request's metrics are the translator's
+        served = self.registry.resolve("translation", request.model)
+        translator = served.model
+        assert isinstance(translator, tr.TranslationModel)
+        job = doc.DocumentInput(
+            document=request.document,
+            format=_enum(_DOCUMENT_FORMATS, request.format, "format"),
+            source_lang=request.source_lang,
+            target_lang=request.target_lang,
+            options=_decoding_options(request.options),
+            deadline=deadline_of(context),
+        )
+        return served.name, doc.DocumentTranslator(translator, segmenter, self.document_limits), job
+
+    def _segmenter(self, name: str) -> tc.TokenClassificationModel | None:
+        """The named SaT model, or the server's default one (None when it serves none)."""
+        if name:
+            try:
+                model = self.registry.resolve("token-classification", name).model
+            except InvalidInput as exc:  # named for the field the client set
+                raise InvalidInput(f"segmenter: {str(exc).removeprefix('model: ')}") from None
+            assert isinstance(model, tc.TokenClassificationModel)
+            if not model.info.sat:
+                raise InvalidInput(f"segmenter: {name} is not a SaT (sentence segmentation) model")
+            return model
+        return self._default_sat()
+
+    async def TranslateDocument(
+        self, request: pb.TranslateDocumentRequest, context: aio.ServicerContext
+    ) -> pb.TranslateDocumentResponse:
+        started = time.perf_counter()
+        name, translator, job = self._document(request, context)
+        result = await translator.translate(job)
+        return await off_loop(len(result.sentences), _document_reply, name, result, started)
+
+    async def TranslateDocumentStream(
+        self, request: pb.TranslateDocumentRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.TranslateDocumentProgress]:
+        started = time.perf_counter()
+        name, translator, job = self._document(request, context)
+        async for event in translator.parts(job):
+            if isinstance(event, doc.DocumentPart):
+                progress = pb.TranslateDocumentProgress(part=event.text, done=event.done, total=event.total)
+                _add_document_sentences(progress.sentences, event.sentences)
+                yield progress
+            else:
+                reply = await off_loop(len(event.sentences), _document_reply, name, event, started)
+                total = len(event.sentences)
+                yield pb.TranslateDocumentProgress(done=total, total=total, result=reply)
 
     async def _translate(self, request: pb.TranslateRequest, deadline: float | None) -> pb.TranslateResponse:
         started = time.perf_counter()
@@ -275,9 +345,9 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
         size = len(result.embeddings) * result.dimensions // 64
         return await off_loop(size, _embed_reply, served.name, result, started)
 
-    def _sentence_ends(self, deadline: float | None) -> emb.Boundaries | None:
-        """Where the server's default SaT model ends each sentence of some texts, if it serves one."""
-        segmenter = next(
+    def _default_sat(self) -> tc.TokenClassificationModel | None:
+        """The server's default token-classification model when it is a SaT model."""
+        return next(
             (
                 entry.model
                 for entry in self.registry.all()
@@ -287,6 +357,10 @@ class PolyglotServicer(pb_grpc.PolyglotServicer):
             ),
             None,
         )
+
+    def _sentence_ends(self, deadline: float | None) -> emb.Boundaries | None:
+        """Where the server's default SaT model ends each sentence of some texts, if it serves one."""
+        segmenter = self._default_sat()
         if segmenter is None:
             return None
 
@@ -478,3 +552,38 @@ def _translate_reply(
         timing=_timing(result.timing, started),
         request_id=request.request_id,
     )
+
+
+def _add_document_sentences(field: Any, sentences: list[doc.DocumentSentence]) -> None:
+    add = field.add
+    for s in sentences:
+        add(
+            start=s.start,
+            end=s.end,
+            output_start=s.output_start,
+            output_end=s.output_end,
+            source_lang=s.source_lang,
+            source_lang_probability=s.probability,
+            translation=s.translation,
+            score=s.score,
+            truncated=s.truncated,
+            kept=s.kept,
+            attribute=s.attribute,
+            text=s.text,
+        )
+
+
+def _document_reply(model: str, result: doc.DocumentOutput, started: float) -> pb.TranslateDocumentResponse:
+    p = result.phases
+    reply = pb.TranslateDocumentResponse(
+        document=result.document,
+        model=model,
+        target_lang=result.target_lang,
+        usage=_usage(result.usage),
+        timing=_timing(Timing(result.queue_ms, result.inference_ms), started),
+        phases=pb.DocumentTiming(
+            parse_ms=p.parse_ms, segment_ms=p.segment_ms, detect_ms=p.detect_ms, translate_ms=p.translate_ms
+        ),
+    )
+    _add_document_sentences(reply.sentences, result.sentences)
+    return reply

@@ -140,6 +140,41 @@ def test_translate(
     _call(stub, "Translate", request)
 
 
+markup = st.sampled_from(
+    [
+        "<p>",
+        "</p>",
+        "<b>",
+        "<a href='x' title='t'>",
+        "<script>",
+        "<!--",
+        "`",
+        "**",
+        "[x](y)",
+        "| a |",
+        "\r\n",
+        "&amp;",
+    ]
+)
+documents = st.lists(st.one_of(words, ordinary, markup), max_size=12).map("".join)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(documents, st.integers(0, 4), languages, languages, models, st.integers(0, 4), st.integers(1, 4))
+def test_translate_document(
+    stub: Stub, document: str, fmt: int, source: str, target: str, model: str, beam: int, new: int
+) -> None:
+    request = pb.TranslateDocumentRequest(
+        document=document,
+        format=fmt,  # type: ignore[arg-type]
+        source_lang=source,
+        target_lang=target,
+        model=model,
+        options=pb.TranslateOptions(beam_size=beam, max_new_tokens=new),
+    )
+    _call(stub, "TranslateDocument", request)
+
+
 @EXAMPLES
 @given(texts, counts)
 def test_detect_language(stub: Stub, texts: list[str], top_k: int) -> None:
@@ -266,7 +301,17 @@ def test_translate_stream_answers_every_message(
 
 
 @pytest.mark.parametrize(
-    "rpc", ["Translate", "Classify", "Segment", "Embed", "FillMask", "ListModels", "DetectLanguage"]
+    "rpc",
+    [
+        "Translate",
+        "Classify",
+        "Segment",
+        "Embed",
+        "FillMask",
+        "ListModels",
+        "DetectLanguage",
+        "TranslateDocument",
+    ],
 )
 @pytest.mark.parametrize(
     "payload",

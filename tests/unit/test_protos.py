@@ -47,7 +47,12 @@ def test_service_declares_every_rpc() -> None:
         "FillMask",
         "ListModels",
         "DetectLanguage",
+        "TranslateDocument",
+        "TranslateDocumentStream",
     }
+    documents = methods["TranslateDocumentStream"]
+    assert not documents.client_streaming
+    assert documents.server_streaming
     stream = methods["TranslateStream"]
     assert stream.client_streaming
     assert stream.server_streaming

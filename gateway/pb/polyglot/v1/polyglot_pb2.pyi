@@ -150,6 +150,48 @@ POOLING_CLS: Pooling.ValueType  # 2
 """the first token's vector"""
 Global___Pooling: _TypeAlias = Pooling  # noqa: Y015
 
+class _DocumentFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DocumentFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DocumentFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DOCUMENT_FORMAT_UNSPECIFIED: _DocumentFormat.ValueType  # 0
+    """TEXT"""
+    DOCUMENT_FORMAT_TEXT: _DocumentFormat.ValueType  # 1
+    """Paragraphs between blank lines; every line break ends a sentence."""
+    DOCUMENT_FORMAT_MARKDOWN: _DocumentFormat.ValueType  # 2
+    """CommonMark with GFM tables and strikethrough. Translated: the text of paragraphs, headings, list items,
+    block quotes and table cells. Kept: code blocks and spans, link and image targets, autolinks, HTML,
+    front matter, link reference definitions, tables' pipes, emphasis markers.
+    """
+    DOCUMENT_FORMAT_HTML: _DocumentFormat.ValueType  # 3
+    """Translated: text nodes and the alt, title, placeholder and aria-label attributes. Kept: tags, comments,
+    <script>, <style>, <pre>, <code>, <kbd>, <samp>, <textarea>, <svg>, <math>, <template>, and any element
+    with translate="no" or class "notranslate", with all they contain.
+    """
+
+class DocumentFormat(_DocumentFormat, metaclass=_DocumentFormatEnumTypeWrapper):
+    """---------------------------------------------------------------------------------------------------------
+    TranslateDocument
+    """
+
+DOCUMENT_FORMAT_UNSPECIFIED: DocumentFormat.ValueType  # 0
+"""TEXT"""
+DOCUMENT_FORMAT_TEXT: DocumentFormat.ValueType  # 1
+"""Paragraphs between blank lines; every line break ends a sentence."""
+DOCUMENT_FORMAT_MARKDOWN: DocumentFormat.ValueType  # 2
+"""CommonMark with GFM tables and strikethrough. Translated: the text of paragraphs, headings, list items,
+block quotes and table cells. Kept: code blocks and spans, link and image targets, autolinks, HTML,
+front matter, link reference definitions, tables' pipes, emphasis markers.
+"""
+DOCUMENT_FORMAT_HTML: DocumentFormat.ValueType  # 3
+"""Translated: text nodes and the alt, title, placeholder and aria-label attributes. Kept: tags, comments,
+<script>, <style>, <pre>, <code>, <kbd>, <samp>, <textarea>, <svg>, <math>, <template>, and any element
+with translate="no" or class "notranslate", with all they contain.
+"""
+Global___DocumentFormat: _TypeAlias = DocumentFormat  # noqa: Y015
+
 @_typing.final
 class Usage(_message.Message):
     """Tokens consumed and produced by one request."""
@@ -1427,3 +1469,226 @@ class DetectLanguageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DetectLanguageResponse: _TypeAlias = DetectLanguageResponse  # noqa: Y015
+
+@_typing.final
+class TranslateDocumentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SOURCE_LANG_FIELD_NUMBER: _builtins.int
+    TARGET_LANG_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    SEGMENTER_FIELD_NUMBER: _builtins.int
+    document: _builtins.str
+    format: Global___DocumentFormat.ValueType
+    source_lang: _builtins.str
+    """A FLORES-200 code or ISO 639-1 alias; "auto" or empty: each sentence's own language, detected (a
+    sentence too short to tell takes its document's language).
+    """
+    target_lang: _builtins.str
+    model: _builtins.str
+    """the translation model"""
+    segmenter: _builtins.str
+    """The token-classification (SaT) model that splits sentences; empty: the server's default. A server with
+    no SaT model splits at line breaks and sentence-ending punctuation.
+    """
+    @_builtins.property
+    def options(self) -> Global___TranslateOptions:
+        """Decoding options as for Translate; num_return must be 1."""
+
+    def __init__(
+        self,
+        *,
+        document: _builtins.str = ...,
+        format: Global___DocumentFormat.ValueType = ...,
+        source_lang: _builtins.str = ...,
+        target_lang: _builtins.str = ...,
+        model: _builtins.str = ...,
+        options: Global___TranslateOptions | None = ...,
+        segmenter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "format", b"format", "model", b"model", "options", b"options", "segmenter", b"segmenter", "source_lang", b"source_lang", "target_lang", b"target_lang"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranslateDocumentRequest: _TypeAlias = TranslateDocumentRequest  # noqa: Y015
+
+@_typing.final
+class DocumentSentence(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    OUTPUT_START_FIELD_NUMBER: _builtins.int
+    OUTPUT_END_FIELD_NUMBER: _builtins.int
+    SOURCE_LANG_FIELD_NUMBER: _builtins.int
+    SOURCE_LANG_PROBABILITY_FIELD_NUMBER: _builtins.int
+    TRANSLATION_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    """its span in the source document (code points, end exclusive)"""
+    end: _builtins.int
+    output_start: _builtins.int
+    """its span in the translated document"""
+    output_end: _builtins.int
+    source_lang: _builtins.str
+    """the request's, or the detected one with "auto" """
+    source_lang_probability: _builtins.float
+    """1 unless detected"""
+    translation: _builtins.str
+    """the translated words (without the markup the document keeps around them)"""
+    score: _builtins.float
+    """mean token log-probability; 0 when kept"""
+    truncated: _builtins.bool
+    """longer than the translator's input: its end was not translated"""
+    kept: _builtins.bool
+    """Not translated: already in the target language, or nothing to translate (no letters). Its output is
+    its source.
+    """
+    attribute: _builtins.bool
+    """an HTML attribute's value"""
+    text: _builtins.str
+    """What the translator read: the span's text without its markup, entities and escapes resolved."""
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        output_start: _builtins.int = ...,
+        output_end: _builtins.int = ...,
+        source_lang: _builtins.str = ...,
+        source_lang_probability: _builtins.float = ...,
+        translation: _builtins.str = ...,
+        score: _builtins.float = ...,
+        truncated: _builtins.bool = ...,
+        kept: _builtins.bool = ...,
+        attribute: _builtins.bool = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "end", b"end", "kept", b"kept", "output_end", b"output_end", "output_start", b"output_start", "score", b"score", "source_lang", b"source_lang", "source_lang_probability", b"source_lang_probability", "start", b"start", "text", b"text", "translation", b"translation", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentSentence: _TypeAlias = DocumentSentence  # noqa: Y015
+
+@_typing.final
+class DocumentTiming(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARSE_MS_FIELD_NUMBER: _builtins.int
+    SEGMENT_MS_FIELD_NUMBER: _builtins.int
+    DETECT_MS_FIELD_NUMBER: _builtins.int
+    TRANSLATE_MS_FIELD_NUMBER: _builtins.int
+    parse_ms: _builtins.float
+    segment_ms: _builtins.float
+    detect_ms: _builtins.float
+    translate_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        parse_ms: _builtins.float = ...,
+        segment_ms: _builtins.float = ...,
+        detect_ms: _builtins.float = ...,
+        translate_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detect_ms", b"detect_ms", "parse_ms", b"parse_ms", "segment_ms", b"segment_ms", "translate_ms", b"translate_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentTiming: _TypeAlias = DocumentTiming  # noqa: Y015
+
+@_typing.final
+class TranslateDocumentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    SENTENCES_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TARGET_LANG_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    TIMING_FIELD_NUMBER: _builtins.int
+    PHASES_FIELD_NUMBER: _builtins.int
+    document: _builtins.str
+    """the translated document, in the request's format"""
+    model: _builtins.str
+    target_lang: _builtins.str
+    @_builtins.property
+    def sentences(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentSentence]:
+        """in source order"""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage: ...
+    @_builtins.property
+    def timing(self) -> Global___Timing: ...
+    @_builtins.property
+    def phases(self) -> Global___DocumentTiming: ...
+    def __init__(
+        self,
+        *,
+        document: _builtins.str = ...,
+        sentences: _abc.Iterable[Global___DocumentSentence] | None = ...,
+        model: _builtins.str = ...,
+        target_lang: _builtins.str = ...,
+        usage: Global___Usage | None = ...,
+        timing: Global___Timing | None = ...,
+        phases: Global___DocumentTiming | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["phases", b"phases", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "model", b"model", "phases", b"phases", "sentences", b"sentences", "target_lang", b"target_lang", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranslateDocumentResponse: _TypeAlias = TranslateDocumentResponse  # noqa: Y015
+
+@_typing.final
+class TranslateDocumentProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_FIELD_NUMBER: _builtins.int
+    SENTENCES_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    part: _builtins.str
+    """The translated document's next part: the parts of all messages, joined, are `result.document`."""
+    done: _builtins.int
+    """sentences done so far"""
+    total: _builtins.int
+    """sentences in the document"""
+    @_builtins.property
+    def sentences(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentSentence]:
+        """those the part completes"""
+
+    @_builtins.property
+    def result(self) -> Global___TranslateDocumentResponse:
+        """set on the last message only"""
+
+    def __init__(
+        self,
+        *,
+        part: _builtins.str = ...,
+        sentences: _abc.Iterable[Global___DocumentSentence] | None = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+        result: Global___TranslateDocumentResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "part", b"part", "result", b"result", "sentences", b"sentences", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TranslateDocumentProgress: _TypeAlias = TranslateDocumentProgress  # noqa: Y015

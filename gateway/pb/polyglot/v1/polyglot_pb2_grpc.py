@@ -79,6 +79,16 @@ class PolyglotStub:
                 request_serializer=polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageRequest.SerializeToString,
                 response_deserializer=polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageResponse.FromString,
                 _registered_method=True)
+        self.TranslateDocument = channel.unary_unary(
+                '/polyglot.v1.Polyglot/TranslateDocument',
+                request_serializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentRequest.SerializeToString,
+                response_deserializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentResponse.FromString,
+                _registered_method=True)
+        self.TranslateDocumentStream = channel.unary_stream(
+                '/polyglot.v1.Polyglot/TranslateDocumentStream',
+                request_serializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentRequest.SerializeToString,
+                response_deserializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentProgress.FromString,
+                _registered_method=True)
 
 
 class PolyglotServicer:
@@ -161,6 +171,26 @@ class PolyglotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TranslateDocument(self, request, context):
+        """Translate a whole document (plain text, Markdown or HTML; 1 MB at most by default): its structure from
+        a parser, its text blocks split into sentences by the server's SaT model (each short enough for the
+        translator), each sentence's language detected when `source_lang` is "auto" or empty, each sentence
+        translated as one engine item (a document's sentences batch with each other and with other traffic),
+        and everything else kept byte for byte: markup, code, URLs, whitespace and blank lines between
+        sentences. The request's deadline covers all of its sentences; cancelling it drops those not decoded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TranslateDocumentStream(self, request, context):
+        """TranslateDocument, with progress: each message carries the next part of the translated document, in
+        order, and the sentences it completes; the last one also holds the whole reply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolyglotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +238,16 @@ def add_PolyglotServicer_to_server(servicer, server):
                     servicer.DetectLanguage,
                     request_deserializer=polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageRequest.FromString,
                     response_serializer=polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageResponse.SerializeToString,
+            ),
+            'TranslateDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.TranslateDocument,
+                    request_deserializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentRequest.FromString,
+                    response_serializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentResponse.SerializeToString,
+            ),
+            'TranslateDocumentStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.TranslateDocumentStream,
+                    request_deserializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentRequest.FromString,
+                    response_serializer=polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -453,6 +493,60 @@ class Polyglot:
             '/polyglot.v1.Polyglot/DetectLanguage',
             polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageRequest.SerializeToString,
             polyglot_dot_v1_dot_polyglot__pb2.DetectLanguageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranslateDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polyglot.v1.Polyglot/TranslateDocument',
+            polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentRequest.SerializeToString,
+            polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranslateDocumentStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/polyglot.v1.Polyglot/TranslateDocumentStream',
+            polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentRequest.SerializeToString,
+            polyglot_dot_v1_dot_polyglot__pb2.TranslateDocumentProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,18 @@ class PolyglotStub:
     the best FLORES-200 code with its probability, and the next likeliest. A language the translator does
     not know has an empty `language` and its `iso_code` still set.
     """
+    TranslateDocument: _grpc.UnaryUnaryMultiCallable[_polyglot_pb2.TranslateDocumentRequest, _polyglot_pb2.TranslateDocumentResponse]
+    """Translate a whole document (plain text, Markdown or HTML; 1 MB at most by default): its structure from
+    a parser, its text blocks split into sentences by the server's SaT model (each short enough for the
+    translator), each sentence's language detected when `source_lang` is "auto" or empty, each sentence
+    translated as one engine item (a document's sentences batch with each other and with other traffic),
+    and everything else kept byte for byte: markup, code, URLs, whitespace and blank lines between
+    sentences. The request's deadline covers all of its sentences; cancelling it drops those not decoded.
+    """
+    TranslateDocumentStream: _grpc.UnaryStreamMultiCallable[_polyglot_pb2.TranslateDocumentRequest, _polyglot_pb2.TranslateDocumentProgress]
+    """TranslateDocument, with progress: each message carries the next part of the translated document, in
+    order, and the sentences it completes; the last one also holds the whole reply.
+    """
 
 @_typing.type_check_only
 class PolyglotAsyncStub(PolyglotStub):
@@ -133,6 +145,18 @@ class PolyglotAsyncStub(PolyglotStub):
     """The language of each text, by fastText's lid.176 (176 languages, real weights shipped with the server):
     the best FLORES-200 code with its probability, and the next likeliest. A language the translator does
     not know has an empty `language` and its `iso_code` still set.
+    """
+    TranslateDocument: _aio.UnaryUnaryMultiCallable[_polyglot_pb2.TranslateDocumentRequest, _polyglot_pb2.TranslateDocumentResponse]  # type: ignore[assignment]
+    """Translate a whole document (plain text, Markdown or HTML; 1 MB at most by default): its structure from
+    a parser, its text blocks split into sentences by the server's SaT model (each short enough for the
+    translator), each sentence's language detected when `source_lang` is "auto" or empty, each sentence
+    translated as one engine item (a document's sentences batch with each other and with other traffic),
+    and everything else kept byte for byte: markup, code, URLs, whitespace and blank lines between
+    sentences. The request's deadline covers all of its sentences; cancelling it drops those not decoded.
+    """
+    TranslateDocumentStream: _aio.UnaryStreamMultiCallable[_polyglot_pb2.TranslateDocumentRequest, _polyglot_pb2.TranslateDocumentProgress]  # type: ignore[assignment]
+    """TranslateDocument, with progress: each message carries the next part of the translated document, in
+    order, and the sentences it completes; the last one also holds the whole reply.
     """
 
 class PolyglotServicer(metaclass=_abc_1.ABCMeta):
@@ -227,6 +251,30 @@ class PolyglotServicer(metaclass=_abc_1.ABCMeta):
         """The language of each text, by fastText's lid.176 (176 languages, real weights shipped with the server):
         the best FLORES-200 code with its probability, and the next likeliest. A language the translator does
         not know has an empty `language` and its `iso_code` still set.
+        """
+
+    @_abc_1.abstractmethod
+    def TranslateDocument(
+        self,
+        request: _polyglot_pb2.TranslateDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_polyglot_pb2.TranslateDocumentResponse, _abc.Awaitable[_polyglot_pb2.TranslateDocumentResponse]]:
+        """Translate a whole document (plain text, Markdown or HTML; 1 MB at most by default): its structure from
+        a parser, its text blocks split into sentences by the server's SaT model (each short enough for the
+        translator), each sentence's language detected when `source_lang` is "auto" or empty, each sentence
+        translated as one engine item (a document's sentences batch with each other and with other traffic),
+        and everything else kept byte for byte: markup, code, URLs, whitespace and blank lines between
+        sentences. The request's deadline covers all of its sentences; cancelling it drops those not decoded.
+        """
+
+    @_abc_1.abstractmethod
+    def TranslateDocumentStream(
+        self,
+        request: _polyglot_pb2.TranslateDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_polyglot_pb2.TranslateDocumentProgress], _abc.AsyncIterator[_polyglot_pb2.TranslateDocumentProgress]]:
+        """TranslateDocument, with progress: each message carries the next part of the translated document, in
+        order, and the sentences it completes; the last one also holds the whole reply.
         """
 
 def add_PolyglotServicer_to_server(servicer: PolyglotServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
