@@ -13,9 +13,11 @@ from gateway.batcher import BatcherSettings, DynamicBatcher, Observer, Reservati
 from gateway.errors import InvalidInput, Overloaded
 from gateway.manifest import AccuracyReport
 from gateway.runtime import LoadedModel
+from gateway.samples import probe_sentences
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+WARM_UP_BATCHES = (1, 8)  # texts per warm-up run: the one-text path and a batch
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,23 @@ class BatchedTask(Generic[In, Out]):
 
     async def start(self) -> None:
         await self.model.start()
+        if self.model.runner.name == "onnxruntime":  # a Triton server warms its own models
+            await self._warm_up()
         self._take_work()
+
+    async def _warm_up(self) -> None:
+        """Run the model once on one text and once on a small batch before it takes work, so that the
+        first requests do not pay for the session's first runs (memory arena, thread pool, kernels). Below
+        the batcher: warm-up runs are not requests and do not show in the metrics."""
+        texts = [sentence.text for sentence in probe_sentences()]
+        for count in WARM_UP_BATCHES:
+            items = self._warm_up_items(texts[:count])
+            if items:
+                await self._run(items)
+
+    def _warm_up_items(self, texts: list[str]) -> list[In]:
+        """A batch of the task's items made of `texts`, for the warm-up; none: no warm-up."""
+        return []
 
     def _take_work(self) -> None:
         self.batcher.start()

@@ -163,6 +163,10 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
                     )
         return encoded
 
+    def _warm_up_items(self, texts: list[str]) -> list[_EmbedItem]:
+        output = self._output_name("mean", normalize=True)
+        return [_EmbedItem(e, output) for e in self.model.tokenizer.encode_batch(texts)]
+
     async def _run(self, items: list[_EmbedItem]) -> list[np.ndarray]:
         input_ids, attention_mask = pad_batch(
             [i.encoded.ids for i in items], self.model.manifest.special_tokens.pad_id

@@ -170,6 +170,9 @@ class FillMaskModel(BatchedTask[_MaskItem, tuple[np.ndarray, np.ndarray]]):
                 return text[:start] + added + text[end:]
         return text[:start] + token + text[end:]
 
+    def _warm_up_items(self, texts: list[str]) -> list[_MaskItem]:
+        return [_MaskItem(e, [len(e) // 2]) for e in self.model.tokenizer.encode_batch(texts)]
+
     async def _run(self, items: list[_MaskItem]) -> list[tuple[np.ndarray, np.ndarray]]:
         pad_id = self.model.manifest.special_tokens.pad_id
         input_ids, attention_mask = pad_batch([i.encoded.ids for i in items], pad_id)

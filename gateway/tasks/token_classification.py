@@ -246,6 +246,9 @@ class TokenClassificationModel(BatchedTask[list[int], np.ndarray]):
         self.bos, self.eos = bos, eos
         super().__init__(model, settings, observer, limits)
 
+    def _warm_up_items(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.model.tokenizer.encode_batch(texts)]
+
     async def _run(self, rows: list[list[int]]) -> list[np.ndarray]:
         input_ids, mask = pad_batch(rows, self.model.manifest.special_tokens.pad_id)
         logits = (await self.model.backend.run({"input_ids": input_ids, "attention_mask": mask}, ["logits"]))[

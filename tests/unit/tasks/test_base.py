@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 
 from gateway.batcher import BatcherSettings
 from gateway.errors import InvalidInput, Overloaded, shown
+from gateway.manifest import Manifest, Task
 from gateway.tasks.base import BatchedTask, TextLimits, Throughput
 
 
@@ -83,3 +86,37 @@ def test_shown_cuts_long_values() -> None:
     long = shown("x" * 20000)
     assert len(long) < 130
     assert long.endswith("…, 20000 characters")
+
+
+@pytest.mark.parametrize("task", ["embedding", "token-classification", "fill-mask"])
+async def test_an_encoder_runs_its_session_before_it_takes_work(
+    exported: Callable[[Task], tuple[Path, Manifest]], task: Task
+) -> None:
+    from gateway.backends.onnxruntime import OrtSettings
+    from gateway.batcher import BatchStats
+    from gateway.runtime import load_model
+    from gateway.tasks.embedding import EmbeddingModel
+    from gateway.tasks.fill_mask import FillMaskModel
+    from gateway.tasks.token_classification import TokenClassificationModel
+
+    loaded = load_model("m", exported(task)[0], OrtSettings(), variant="fp32")
+    runs: list[int] = []
+    backend = loaded.backend
+    original = backend.run_sync
+
+    def counted(inputs: dict[str, Any], outputs: Any = None) -> Any:
+        runs.append(len(inputs["input_ids"]))
+        return original(inputs, outputs)
+
+    backend.run_sync = counted  # type: ignore[method-assign]
+    batches: list[BatchStats] = []
+    kind = {"embedding": EmbeddingModel, "fill-mask": FillMaskModel}.get(task, TokenClassificationModel)
+    model: BatchedTask[Any, Any] = kind(loaded, BatcherSettings(), batches.append)
+    assert not runs
+    await model.start()
+    try:
+        assert runs == [1, 8], "one text and a batch, before the first request"
+        assert model.batcher._task is not None, "it takes work after the warm-up"
+        assert not batches, "warm-up is no batch of the batcher"
+    finally:
+        await model.close()
