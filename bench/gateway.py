@@ -38,6 +38,8 @@ class GatewayProcess:
         triton: str | None = None,  # a Triton gRPC endpoint: serve the model from there
         device: str = "cpu",
         extra_models: list[dict[str, Any]] | None = None,  # more models in the same process
+        server: dict[str, Any] | None = None,  # more server settings (intra_op_threads, ...)
+        label: str | None = None,  # names its config and log files; default name-variant
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -51,13 +53,14 @@ class GatewayProcess:
             "models": [{"name": name, "path": str(export_dir), "variant": variant}],
         }
         config["models"] += extra_models or []
+        config.update(server or {})
         if triton:
             config["models"][0]["backend"] = "triton"
             config["triton"] = {"endpoints": [triton]}
         if batching:
             config["batching"] = batching
         work.mkdir(parents=True, exist_ok=True)
-        label = f"{name}-{variant}{'-triton' if triton else ''}"
+        label = label or f"{name}-{variant}{'-triton' if triton else ''}"
         self.config_file = work / f"gateway-{label}.yaml"
         self.config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
         self.log_file = work / f"gateway-{label}.log"

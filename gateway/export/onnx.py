@@ -36,6 +36,7 @@ class EmbeddingGraph(torch.nn.Module):
     def __init__(self, encoder: PreTrainedModel):
         super().__init__()
         self.encoder = encoder
+        self.width = int(encoder.config.hidden_size)  # a constant: the outputs keep a static width
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -48,8 +49,9 @@ class EmbeddingGraph(torch.nn.Module):
         # a batch), CumSum adds one token after the other.
         running = (hidden * mask).cumsum(dim=1)
         positions = torch.arange(mask.shape[1], device=mask.device).view(1, -1)
-        last = (attention_mask * positions).amax(dim=1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-        mean = running.gather(1, last).squeeze(1) / mask.sum(dim=1).clamp(min=1e-9)
+        last = (attention_mask * positions).amax(dim=1).view(-1, 1, 1).expand(-1, 1, self.width)
+        summed = running.gather(1, last).reshape(-1, self.width)
+        mean = summed / mask.sum(dim=1).clamp(min=1e-9)
         cls = hidden[:, 0]
         return mean, cls, l2_normalize(mean), l2_normalize(cls)
 

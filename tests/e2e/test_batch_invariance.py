@@ -1,5 +1,5 @@
-"""One text, one answer: an encoder's reply for a text is the same bits alone and inside batches of other
-sizes, lengths and orders (fp32 and int8, every encoder task)."""
+"""One text, one answer: a reply for a text is the same bits alone and inside batches of other sizes,
+lengths and orders (every encoder task in fp32 and int8; int8 translation, greedy and beam)."""
 
 from __future__ import annotations
 
@@ -120,3 +120,37 @@ async def test_a_text_gives_the_same_bits_in_any_batch(
                     assert results[index].SerializeToString(deterministic=True) == alone.SerializeToString(
                         deterministic=True
                     ), f"{rpc} {variant}: the text's reply changed in the batch {batch!r}"
+
+
+@pytest.fixture(scope="module")
+async def translator(exported: Exported) -> AsyncIterator[Stub]:
+    config = ServerConfig.load(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models=(ModelConfig(name="nllb", path=exported("translation")[0], variant="int8"),),
+    )
+    server = GatewayServer(config)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield polyglot_pb2_grpc.PolyglotStub(channel)
+    await server.stop(grace=1)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+async def test_an_int8_translation_is_the_same_in_any_batch(translator: Stub, beam: int) -> None:
+    text = "Der Zug nach Wien fährt um acht Uhr ab."
+    others = ["Ja.", " ".join(["这是一个很长的句子，用来测试。"] * 4), "Пожалуйста, закройте дверь."]
+    options = pb.TranslateOptions(beam_size=beam, max_new_tokens=12, return_scores=True)
+
+    async def translate(texts: list[str]) -> Sequence[Any]:
+        request = pb.TranslateRequest(
+            texts=texts, source_lang="deu_Latn", target_lang="fra_Latn", model="nllb", options=options
+        )
+        return (await translator.Translate(request)).translations
+
+    (alone,) = await translate([text])
+    for batch in ([others[0], text], [text, *others], [others[1], text, others[2]]):
+        translations = await translate(batch)
+        mine = translations[batch.index(text)]
+        assert mine.SerializeToString(deterministic=True) == alone.SerializeToString(deterministic=True)
