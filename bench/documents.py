@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 
 from bench.gateway import GatewayProcess
+from bench.results import measurement_parser, write_measurement
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
 from gateway.samples import sample_languages, sample_sentences
@@ -224,9 +225,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = measurement_parser(__doc__, "documents")
     parser.add_argument("--translation", type=Path, required=True, help="a `pgw export` of NLLB")
     parser.add_argument("--segmenter", type=Path, required=True, help="a `pgw export` of SaT")
     parser.add_argument("--variant", default="int8")
@@ -236,9 +235,6 @@ def main() -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[8, 64])
     parser.add_argument("--keep-threshold", action="store_true", help="a real SaT: its own threshold")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pgw-bench-documents"))
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/results") / f"{time.strftime('%Y-%m-%d')}-documents"
-    )
     args = parser.parse_args()
     text, sentences = document(args.bytes)
     segmenter, note = args.segmenter, "the export's own"
@@ -263,10 +259,7 @@ def main() -> None:
         "threshold_note": note, "translation": str(args.translation), "segmenter": str(args.segmenter),
     }  # fmt: skip
     report["summary"] = summary(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "documents.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "documents.md").write_text(markdown(report))
-    print(markdown(report))
+    write_measurement(args.out, "documents", report, markdown(report))
 
 
 if __name__ == "__main__":

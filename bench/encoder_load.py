@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import grpc
 
 from bench.gateway import GatewayProcess
 from bench.load import LoadResult, closed_loop, open_loop, warm_up
+from bench.results import measurement_parser, write_measurement
 from bench.texts import TextMaker
 from gateway.manifest import Manifest
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
@@ -170,26 +169,18 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = measurement_parser(__doc__, "encoder-load")
     parser.add_argument("exports", type=Path, nargs="+", help="`pgw export` directories of encoders")
     parser.add_argument("--variant", default="int8")
     parser.add_argument("--seconds", type=float, default=10, help="per load point and setting")
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pgw-bench-encoder-load"))
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/results") / f"{time.strftime('%Y-%m-%d')}-encoder-load"
-    )
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     for export in args.exports:
         rows += asyncio.run(model_runs(export, args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "encoder_load.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "encoder_load.md").write_text(markdown(rows, args))
+    write_measurement(args.out, "encoder_load", rows, markdown(rows, args))
     plot(rows, args.out)
-    print(markdown(rows, args))
 
 
 if __name__ == "__main__":

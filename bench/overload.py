@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -35,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.gateway import free_port
 from bench.load import LoadResult, closed_loop, open_loop
+from bench.results import measurement_parser, write_measurement
 from gateway.config import cache_dir
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
@@ -234,12 +234,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/results") / f"{time.strftime('%Y-%m-%d')}-overload"
-    )
+    parser = measurement_parser(__doc__, "overload")
     parser.add_argument("--demo-dir", type=Path, default=cache_dir() / "demo")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--factor", type=float, default=10)
@@ -247,10 +242,7 @@ def main() -> None:
     parser.add_argument("--server-cpus", default=default_cpus, help="CPUs for the server ('': no pinning)")
     args = parser.parse_args()
     report = asyncio.run(measure(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overload.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "overload.md").write_text(markdown(report))
-    print(markdown(report))
+    write_measurement(args.out, "overload", report, markdown(report))
 
 
 if __name__ == "__main__":

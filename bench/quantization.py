@@ -17,8 +17,6 @@ alternating rounds. Writes quantization.json and quantization.md to --out.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bench.results import measurement_parser, write_measurement
 from bench.texts import TextMaker
 from gateway.manifest import Manifest
 from gateway.samples import probe_sentences, sample_sentences
@@ -239,20 +238,12 @@ def markdown(results: list[dict[str, Any]], rounds: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = measurement_parser(__doc__, "int8")
     parser.add_argument("exports", type=Path, nargs="+", help="`pgw export` directories of encoders")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/results") / f"{time.strftime('%Y-%m-%d')}-int8"
-    )
     args = parser.parse_args()
     results = [measure(export, args.rounds) for export in args.exports]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "quantization.md").write_text(markdown(results, args.rounds))
-    print(markdown(results, args.rounds))
+    write_measurement(args.out, "quantization", results, markdown(results, args.rounds))
 
 
 if __name__ == "__main__":

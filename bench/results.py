@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from dataclasses import dataclass, field
@@ -62,3 +63,21 @@ def write_json(results: Results, out: Path) -> None:
 
 def read_json(out: Path) -> Results:
     return Results(**json.loads((out / "results.json").read_text(encoding="utf-8")))
+
+
+def measurement_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
+    """The command line of a standalone measurement (`python -m bench.<name>`): its docstring as help, and
+    `--out` (default bench/results/<date>-<name>)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results") / f"{datetime.now().strftime('%Y-%m-%d')}-{name}"
+    )
+    return parser
+
+
+def write_measurement(out: Path, name: str, data: Any, report: str) -> None:
+    """A standalone measurement's `<name>.json` (every figure) and `<name>.md` (the report), also printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text(report)
+    print(report)

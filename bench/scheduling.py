@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import time
 import urllib.request
@@ -33,6 +32,7 @@ import numpy as np
 
 from bench.gateway import GatewayProcess
 from bench.load import LoadResult, Sample, closed_loop, open_loop
+from bench.results import measurement_parser, write_measurement
 from bench.texts import TextMaker
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
@@ -404,9 +404,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = measurement_parser(__doc__, "scheduling")
     parser.add_argument(
         "--translation", type=Path, required=True, help="a `pgw export` translation directory"
     )
@@ -415,16 +413,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[1, 2, 4, 8])
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/results") / f"{time.strftime('%Y-%m-%d')}-scheduling"
-    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(main_async(args))
-    (args.out / "scheduling.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "scheduling.md").write_text(markdown(report))
+    write_measurement(args.out, "scheduling", report, markdown(report))
     plot(report["rows"], args.out / "scheduling.png")
-    print(markdown(report))
 
 
 if __name__ == "__main__":
