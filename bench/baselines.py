@@ -56,8 +56,8 @@ def _torch() -> Any:
     return torch
 
 
-def _ort(device: str) -> OrtSettings:
-    return OrtSettings(device="cuda" if device.startswith("cuda") else "cpu")
+def _ort(device: str, spinning: bool = False) -> OrtSettings:
+    return OrtSettings(device="cuda" if device.startswith("cuda") else "cpu", spinning=spinning)
 
 
 def _prepared(model: Any, precision: Precision, device: str) -> Any:
@@ -119,7 +119,12 @@ class OrtEncoder:
     def __init__(self, export_dir: Path, variant: str, device: str = "cpu") -> None:
         manifest = Manifest.read(export_dir)
         part = manifest.variants[variant].parts["model"]
-        self.backend = OnnxRuntimeBackend(export_dir / part.file, _ort(device), ThreadPoolExecutor(1))
+        self.backend = OnnxRuntimeBackend(
+            # ONNX Runtime's own defaults (threads spin), as a gateway serving this model alone runs it
+            export_dir / part.file,
+            _ort(device, spinning=True),
+            ThreadPoolExecutor(1),
+        )
         self.pad_id = manifest.special_tokens.pad_id
         self.input_names = [spec.name for spec in part.inputs]
         self.name = f"onnxruntime-{variant}"

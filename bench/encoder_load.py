@@ -5,9 +5,12 @@ concurrency rises, side by side in one run (a measurement, not a test).
 
 For each encoder export, one `pgw serve` per setting, all started together and loaded in turn (each load
 point in two rounds, alternating which goes first):
-- `one batch`: the defaults, one batch at a time on all the cores (max_padding_ratio 1.5);
-- `no padding limit`: the same with max_padding_ratio 0;
+- `one batch`: the defaults, one batch at a time on all the cores (max_padding_ratio 1.5; the model is
+  the server's only one, so its ONNX Runtime threads spin between runs);
+- `no spinning`: the same with the model's `spinning: false`;
+- `no padding limit`: the defaults with max_padding_ratio 0;
 - `two runs`: two batches at a time, each on one core (max_concurrent_batches 2, intra_op_threads 1).
+`--settings` picks some of them.
 Load: one text a request, 8 to 256 tokens in 8 languages (as `pgw bench`'s mixed scenario), closed loops
 at each concurrency, then Poisson arrivals at 0.8 of each setting's best closed-loop rate. Writes
 encoder_load.json, encoder_load.md and one plot per model to --out.
@@ -31,10 +34,12 @@ from gateway.manifest import Manifest
 from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.pb.polyglot.v1 import polyglot_pb2_grpc as pb_grpc
 
-SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # name -> (batching, server settings)
-    "one batch": ({}, {}),
-    "no padding limit": ({"max_padding_ratio": 0}, {}),
-    "two runs": ({"max_concurrent_batches": 2}, {"intra_op_threads": 1}),
+Settings = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]  # batching, server, model settings
+SETTINGS: dict[str, Settings] = {
+    "one batch": ({}, {}, {}),
+    "no spinning": ({}, {}, {"spinning": False}),
+    "no padding limit": ({"max_padding_ratio": 0}, {}, {}),
+    "two runs": ({"max_concurrent_batches": 2}, {"intra_op_threads": 1}, {}),
 }
 
 
@@ -67,10 +72,11 @@ async def model_runs(export: Path, args: argparse.Namespace) -> list[dict[str, A
     pool = texts(export, manifest)
     gateways = {
         name: GatewayProcess(
-            "m", export, args.variant, args.work, batching=batching, server=server,
+            "m", export, args.variant, args.work, batching=batching, server=server, model=model,
             label=f"{export.name}-{name.replace(' ', '-')}",
         )
-        for name, (batching, server) in SETTINGS.items()
+        for name, (batching, server, model) in SETTINGS.items()
+        if name in args.settings
     }  # fmt: skip
     for gateway in gateways.values():
         gateway.start()
@@ -145,7 +151,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], out: Path) -> None:
+def plot(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +159,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     for model in sorted({r["model"] for r in rows}):
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for setting in SETTINGS:
+        for setting in args.settings:
             mine = [
                 r for r in rows if r["model"] == model and r["setting"] == setting and r["mode"] == "closed"
             ]
@@ -164,7 +170,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         right.set(xlabel="concurrency", ylabel="p50 ms", title=f"{model}: p50 latency")
         left.legend()
         fig.tight_layout()
-        fig.savefig(out / f"{model}-encoder-load.png", dpi=100)
+        fig.savefig(args.out / f"{model}-encoder-load.png", dpi=100)
         plt.close(fig)
 
 
@@ -175,12 +181,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="per load point and setting")
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--work", type=Path, default=Path("/tmp/pgw-bench-encoder-load"))
+    parser.add_argument(
+        "--settings",
+        type=lambda v: v.split(","),
+        default=list(SETTINGS),
+        help=f"comma-separated, of: {', '.join(SETTINGS)}",
+    )
     args = parser.parse_args()
+    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown settings {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
     rows: list[dict[str, Any]] = []
     for export in args.exports:
         rows += asyncio.run(model_runs(export, args))
     write_measurement(args.out, "encoder_load", rows, markdown(rows, args))
-    plot(rows, args.out)
+    plot(rows, args)
 
 
 if __name__ == "__main__":

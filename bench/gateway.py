@@ -40,6 +40,7 @@ class GatewayProcess:
         extra_models: list[dict[str, Any]] | None = None,  # more models in the same process
         server: dict[str, Any] | None = None,  # more server settings (intra_op_threads, ...)
         label: str | None = None,  # names its config and log files; default name-variant
+        model: dict[str, Any] | None = None,  # more settings of the measured model (spinning, ...)
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -49,8 +50,9 @@ class GatewayProcess:
             "port": self.port,
             "metrics_host": "127.0.0.1",
             "metrics_port": self.metrics_port,
+            "http_port": 0,  # measured over gRPC (a `server` setting may ask for HTTP)
             "device": device,
-            "models": [{"name": name, "path": str(export_dir), "variant": variant}],
+            "models": [{"name": name, "path": str(export_dir), "variant": variant, **(model or {})}],
         }
         config["models"] += extra_models or []
         config.update(server or {})

@@ -237,6 +237,12 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus /metrics port (default 9464, 0: off).")
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            help="HTTP/JSON port: OpenAI and LibreTranslate APIs, JSON routes (default 8080, 0: off)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     tls_cert: Annotated[
         Path | None, typer.Option(help="Serve TLS: the server's certificate chain (PEM); needs --tls-key.")
@@ -251,7 +257,7 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
-    """Serve exported models over gRPC (settings: file < PGW_* environment < flags)."""
+    """Serve exported models over gRPC and HTTP/JSON (settings: file < PGW_* environment < flags)."""
     import asyncio
     import logging
 
@@ -280,6 +286,7 @@ def serve(
             host=host,
             port=port,
             metrics_port=metrics_port,
+            http_port=http_port,
             device=device,
             tls=tls,
             api_key_file=api_key_file,

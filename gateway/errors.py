@@ -11,6 +11,10 @@ class InvalidInput(GatewayError):
     """The request (or a command's argument) is wrong: INVALID_ARGUMENT."""
 
 
+class UnknownModel(InvalidInput):
+    """The request names a model this server does not serve: INVALID_ARGUMENT (HTTP: 404)."""
+
+
 class Overloaded(GatewayError):
     """A queue is full: RESOURCE_EXHAUSTED."""
 

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.errors import InvalidInput, shown
+from gateway.errors import InvalidInput, UnknownModel, shown
 from gateway.metrics import label_request
 from gateway.tasks.embedding import EmbeddingModel
 from gateway.tasks.fill_mask import FillMaskModel
@@ -62,7 +62,7 @@ class Registry:
         if entry is None:
             label_request(UNKNOWN)
             known = ", ".join(n for n, e in self._by_name.items() if e.task == task) or "none"
-            raise InvalidInput(f"model: unknown model {shown(name)}; {task} models here: {known}")
+            raise UnknownModel(f"model: unknown model {shown(name)}; {task} models here: {known}")
         label_request(entry.name)
         if entry.task != task:
             raise InvalidInput(f"model: {shown(name)} is a {entry.task} model, not a {task} model")

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from gateway.backends.triton import TritonPool
 
 
+ENCODER_PART = "model"  # an encoder model's one part; translation has "encoder" and the decoder parts
+
+
 @dataclass
 class LoadedModel:
     """An exported model ready to run: what the task models are built from. In-process, `parts` holds an
@@ -35,7 +38,7 @@ class LoadedModel:
     @property
     def backend(self) -> Backend:
         """What runs an encoder: its one ONNX part, or its Triton model."""
-        return self.remote if self.remote is not None else self.parts["model"]
+        return self.remote if self.remote is not None else self.parts[ENCODER_PART]
 
     @property
     def runner(self) -> Backend:
@@ -86,8 +89,11 @@ def _tokenizer(directory: Path, manifest: Manifest) -> TextTokenizer:
 
 
 def part_settings(settings: OrtSettings, part: str) -> OrtSettings:
-    """The translation engine runs its decoder step back to back on its own thread: its session's threads
-    may spin between runs; every other session's must not (see OrtSettings.spinning)."""
+    """An encoder model's session spins as `settings` says (ModelConfig.spinning). Of translation's parts
+    only the decoder step spins: the engine runs it back to back on its own thread, and spinning threads of
+    its other sessions would steal the cores from it (see OrtSettings.spinning)."""
+    if part == ENCODER_PART:
+        return settings
     return dataclasses.replace(settings, spinning=part == "decoder_step")
 
 

@@ -46,6 +46,7 @@ from gateway.tasks.translation import TranslationModel
 
 if TYPE_CHECKING:
     from gateway.backends.triton import TritonPool
+    from gateway.web.app import HttpServer
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 0.25  # how often the event loop proves it runs, for /healthz
@@ -133,14 +134,19 @@ def build_registry(config: ServerConfig, metrics: Metrics, triton: TritonPool | 
     if not models:
         raise InvalidInput("no models to serve: list them in the config file (models:) or pass --demo")
     registry = Registry()
+    local_cpu = [m for m in models if m.backend == "onnxruntime" and (m.device or config.device) == "cpu"]
     for model in models:
         if model.backend == "triton":
             assert triton is not None, "triton_pool(config) makes the pool of the models on Triton"
             loaded = load_triton_model(model.name, model.path, triton, model.variant, model.triton_model)
         else:
             device = model.device or config.device
+            spinning = model.spinning if model.spinning is not None else local_cpu == [model]
             settings = OrtSettings(
-                device=device, intra_op_threads=config.intra_op_threads, tensorrt=config.tensorrt
+                device=device,
+                intra_op_threads=config.intra_op_threads,
+                tensorrt=config.tensorrt,
+                spinning=spinning,
             )
             executor = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"ort-{model.name}", initializer=behind_the_loop
@@ -235,10 +241,10 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        polyglot_pb2_grpc.add_PolyglotServicer_to_server(
-            PolyglotServicer(self.registry, config.limits.text_limits(), config.limits.document_limits()),
-            self.server,
+        self.servicer = PolyglotServicer(
+            self.registry, config.limits.text_limits(), config.limits.document_limits()
         )
+        polyglot_pb2_grpc.add_PolyglotServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
@@ -252,6 +258,8 @@ class GatewayServer:
             self.triton.on_change(self._readiness_changed.set)
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_metrics: Callable[[], None] | None = None
+        self.http: HttpServer | None = None
+        self.http_port = 0
         self._stopping = False
         self._started = False
         self._beat = time.monotonic()  # the health watch's last run, for /healthz
@@ -283,6 +291,9 @@ class GatewayServer:
     async def start(self) -> int:
         """Start the models and the server; returns the bound gRPC port."""
         self.port = self._bind()
+        if self.config.http_port:
+            self.http = self._http()
+            self.http.bind()
         if self.config.metrics_port:
             self._stop_metrics = self.metrics.serve_http(
                 self.config.metrics_host,
@@ -292,6 +303,8 @@ class GatewayServer:
             )
         await self.registry.start()
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE, serving)
@@ -304,7 +317,32 @@ class GatewayServer:
         self._started = True
         self._log_security()
         log.info("serving %s on %s:%d", SERVICE, self.config.host, self.port)
+        if self.http is not None:
+            log.info("serving HTTP/JSON on %s:%d", self.config.host, self.http_port)
         return self.port
+
+    def _http(self) -> HttpServer:
+        from gateway.web import build_http_app
+        from gateway.web.app import HttpServer
+
+        app = build_http_app(
+            self.servicer,
+            self.registry,
+            self.metrics,
+            self.keys,
+            self.admission,
+            {"/healthz": self._liveness, "/readyz": self._readiness},
+            self.config.limits.max_http_body_bytes,
+        )
+        return HttpServer(
+            app,
+            self.config.host,
+            self.config.http_port,
+            self.config.tls,
+            self.config.grace_seconds,
+            # connections and requests at once: the server's in-flight bound, and room to refuse beyond it
+            max_connections=self.config.limits.max_in_flight + 64,
+        )
 
     def _log_security(self) -> None:
         tls, keys = self.config.tls, self.keys
@@ -392,6 +430,8 @@ class GatewayServer:
                 grace,
             )
         await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if self.http is not None:
+            await self.http.stop()
         await self.registry.close()
         if self.triton is not None:
             await self.triton.close()

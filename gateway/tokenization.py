@@ -75,6 +75,33 @@ class TextTokenizer:
             truncated=True,
         )
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tokenizer.get_vocab_size())
+
+    def encode_ids(self, rows: Sequence[Sequence[int]], truncate: bool = True) -> list[Encoded]:
+        """Token ids a client tokenized itself, as `encode_batch` would have made them: between the special
+        tokens the tokenizer adds around a text, cut to the input limit when `truncate`. The ids must be
+        this tokenizer's (0 <= id < vocab_size); offsets are (0, 0) throughout, as there is no text."""
+        probe = self._tokenizer.encode("a", add_special_tokens=True)
+        mask = probe.special_tokens_mask
+        head = probe.ids[: mask.index(0)] if 0 in mask else probe.ids
+        tail = probe.ids[len(mask) - mask[::-1].index(0) :] if 0 in mask else []
+        room = self.max_length - len(head) - len(tail)
+        encoded = []
+        for row in rows:
+            content = list(row)[:room] if truncate else list(row)
+            ids = [*head, *content, *tail]
+            encoded.append(
+                Encoded(
+                    ids=ids,
+                    offsets=[(0, 0)] * len(ids),
+                    special=[True] * len(head) + [False] * len(content) + [True] * len(tail),
+                    truncated=len(content) < len(row),
+                )
+            )
+        return encoded
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
 

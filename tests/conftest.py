@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 from gateway.manifest import Manifest, Task
 
 EXPORT_VARIANTS = ("fp32", "int8", "fp16")
+# The suite's servers (in-process and `pgw serve` processes) serve no HTTP unless a test gives them a port:
+# many run at once, and HTTP's default port is one.
+os.environ["PGW_HTTP_PORT"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -35,10 +35,11 @@ class OrtSettings:
     device_id: int = 0
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
     tensorrt: bool = False
-    # Whether a session's threads spin between runs. Only for a part run back to back on one thread (the
-    # translation engine's decoder step): spinning threads of one session steal the cores from the next
-    # session to run. Measured on the full-size NLLB int8, 2 cores: a decoder step right after the encoder
-    # took 57 ms instead of 24 while the encoder's threads spun.
+    # Whether a session's threads spin between runs (ONNX Runtime's default) rather than sleep. Spinning
+    # threads of one session steal the cores from the next session to run: measured on the full-size NLLB
+    # int8, 2 cores, a decoder step right after the encoder took 57 ms instead of 24 while the encoder's
+    # threads spun. So only a session that runs alone spins: the engine's decoder step, or the one encoder
+    # model of a server (see runtime.part_settings and ModelConfig.spinning).
     spinning: bool = False
 
 
@@ -89,8 +90,7 @@ class OnnxRuntimeBackend:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        if not settings.spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spinning else "0")
         self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=provider_chain(settings))
         self.provider = self.session.get_providers()[0]

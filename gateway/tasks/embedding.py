@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gateway.batcher import BatcherSettings, Observer
+from gateway.batcher import BatcherSettings, Observer, Reservation
 from gateway.errors import InvalidInput
 from gateway.offload import off_loop
 from gateway.runtime import LoadedModel
@@ -31,6 +31,17 @@ class EmbedInput:
     truncate: bool = True  # False: texts over the input limit are refused instead of cut
     long_input: Literal["truncate", "chunk"] = "truncate"  # chunk: the whole text, in chunks that fit
     return_chunks: bool = False
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class EmbedTokensInput:
+    """Texts a client tokenized with this model's own tokenizer (OpenAI's token-array `input`)."""
+
+    token_ids: list[list[int]]
+    pooling: Pooling = "mean"
+    normalize: bool = False
+    truncate: bool = True
     deadline: float | None = None
 
 
@@ -97,10 +108,53 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
             return await self._embed_chunked(request, boundaries)
         with self.serving(len(request.texts), request.deadline) as held:
             encoded = await off_loop(sum(map(len, request.texts)), self._encode, request)
-            output = self._output_name(request.pooling, request.normalize)
-            timed = await self.batcher.submit_all(
-                [(_EmbedItem(e, output), len(e)) for e in encoded], request.deadline, reservation=held
+            return await self._embed_encoded(
+                encoded, request.pooling, request.normalize, request.deadline, held
             )
+
+    async def embed_tokens(self, request: EmbedTokensInput) -> EmbedOutput:
+        """Embed token id arrays of this model's tokenizer, between the special tokens it adds to a text."""
+        rows = request.token_ids
+        if not rows:
+            raise InvalidInput("input: at least one text or token array is required")
+        if len(rows) > self.limits.max_texts:
+            raise InvalidInput(
+                f"input: {len(rows)} inputs exceed the limit of {self.limits.max_texts} per request"
+            )
+        vocabulary = self.model.tokenizer.vocab_size
+        for index, row in enumerate(rows):
+            if not row:
+                raise InvalidInput(f"input[{index}]: an empty token array")
+            if len(row) > self.limits.max_chars:
+                raise InvalidInput(
+                    f"input[{index}]: {len(row)} tokens exceed the limit of {self.limits.max_chars}"
+                )
+            bad = next((token for token in row if not 0 <= token < vocabulary), None)
+            if bad is not None:
+                raise InvalidInput(
+                    f"input[{index}]: token id {bad} is not in this model's vocabulary "
+                    f"(0..{vocabulary - 1}); token arrays must come from the model's own tokenizer"
+                )
+        with self.serving(len(rows), request.deadline) as held:
+            encoded = self.model.tokenizer.encode_ids(rows, request.truncate)
+            if not request.truncate:
+                self._refuse_truncated(encoded, "input")
+            return await self._embed_encoded(
+                encoded, request.pooling, request.normalize, request.deadline, held
+            )
+
+    async def _embed_encoded(
+        self,
+        encoded: list[Encoded],
+        pooling: Pooling,
+        normalize: bool,
+        deadline: float | None,
+        held: Reservation,
+    ) -> EmbedOutput:
+        output = self._output_name(pooling, normalize)
+        timed = await self.batcher.submit_all(
+            [(_EmbedItem(e, output), len(e)) for e in encoded], deadline, reservation=held
+        )
         return EmbedOutput(
             embeddings=[Embedding(t.value, e.truncated) for t, e in zip(timed, encoded, strict=True)],
             dimensions=self.dimensions,
@@ -155,13 +209,16 @@ class EmbeddingModel(BatchedTask[_EmbedItem, np.ndarray]):
     def _encode(self, request: EmbedInput) -> list[Encoded]:
         encoded = self.model.tokenizer.encode_batch(request.texts)
         if not request.truncate:
-            for index, item in enumerate(encoded):
-                if item.truncated:
-                    raise InvalidInput(
-                        f"texts[{index}]: longer than the model's limit of {self.model.tokenizer.max_length} "
-                        "tokens; shorten it or set truncate"
-                    )
+            self._refuse_truncated(encoded, "texts")
         return encoded
+
+    def _refuse_truncated(self, encoded: list[Encoded], field: str) -> None:
+        for index, item in enumerate(encoded):
+            if item.truncated:
+                raise InvalidInput(
+                    f"{field}[{index}]: longer than the model's limit of {self.model.tokenizer.max_length} "
+                    "tokens; shorten it or set truncate"
+                )
 
     def _warm_up_items(self, texts: list[str]) -> list[_EmbedItem]:
         output = self._output_name("mean", normalize=True)

@@ -21,13 +21,16 @@ from gateway.langid import identifier
 from gateway.languages import resolve_language
 from gateway.offload import off_loop
 from gateway.runtime import LoadedModel
-from gateway.tasks.base import DEFAULT_LIMITS, BatchedTask, TextLimits, Timing, Usage
+from gateway.samples import probe_sentences
+from gateway.tasks.base import DEFAULT_LIMITS, WARM_UP_BATCHES, BatchedTask, TextLimits, Timing, Usage
 
 AUTO = ("auto", "")  # source_lang values that ask for each text's language to be detected
 AUTO_SOURCE = "auto"
 MAX_BEAMS = 16
 MAX_SAMPLES = 16  # num_return with sampling
 MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: beyond it length ** penalty leaves the float range
+WARM_UP_TOKENS = 4  # decoder steps of each warm-up run: the first step and a few on the cache after it
+WARM_UP_TARGETS = ("fra_Latn", "deu_Latn")
 __all__ = ["DecodingOptions", "SamplingOptions", "TranslateInput", "TranslationModel"]
 
 
@@ -102,6 +105,32 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
     @property
     def queue_depth(self) -> int:
         return self.engine.waiting if self.engine is not None else self.batcher.queue_depth
+
+    async def _warm_up(self) -> None:
+        """The engine's parts run on one text and on a batch of eight, a few decoder steps each, before it
+        takes work (the engine's thread is not started yet: `run_all` steps here, on a worker thread).
+        Warm-up steps are not requests: the engine's observer (its metrics) does not see them."""
+        engine = self.engine
+        if engine is None:
+            return
+        texts = [sentence.text for sentence in probe_sentences()]
+        languages = self.info.languages
+        source = "eng_Latn" if "eng_Latn" in languages else languages[0]
+        target = next(code for code in (*WARM_UP_TARGETS, *languages) if code in languages and code != source)
+        options = DecodingOptions(max_new_tokens=WARM_UP_TOKENS)
+        observer, engine.observer = engine.observer, None
+        try:
+            for count in WARM_UP_BATCHES:
+                request = TranslateInput(texts[:count], source, target, options)
+                present = list(range(len(request.texts)))
+                items, _ = self._items(
+                    request, present, [(source, 1.0)] * len(present), target, WARM_UP_TOKENS
+                )
+                future = engine.submit(items)
+                await asyncio.to_thread(engine.run_all)
+                future.result()
+        finally:
+            engine.observer = observer
 
     def _take_work(self) -> None:
         if self.engine is not None:

@@ -68,6 +68,7 @@ def serve(
         "metrics_port": metrics_port,
         "drain_seconds": 0,
         "grace_seconds": 10,
+        "http_port": 0,  # HTTP only for the tests that give it a port
         "limits": dict(LIMITS),
         "models": [{"name": name, "path": str(exported(task)[0])} for name, task in MODELS],
     }
@@ -80,7 +81,8 @@ def serve(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config_file)],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env=os.environ | (env or {}),
+        # the file says whether it serves HTTP: the suite's PGW_HTTP_PORT (tests/conftest.py) must not win
+        env={k: v for k, v in os.environ.items() if k != "PGW_HTTP_PORT"} | (env or {}),
     )
     host = "127.0.0.1" if config["host"] in ("0.0.0.0", "::") else config["host"]
     served = Served(process, port, metrics_port, log, host)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -185,3 +186,40 @@ async def test_bad_languages(translator: TranslationModel) -> None:
         await translator.translate(TranslateInput(["Hello"], "xx", "fr"))
     with pytest.raises(InvalidInput, match="did you mean fra_Latn"):
         await translator.translate(TranslateInput(["Hello"], "en", "fra_Latm"))
+
+
+async def test_the_engine_runs_its_parts_before_it_takes_work(varied_nllb: tuple[Path, Path]) -> None:
+    from gateway.decoding.engine import StepStats
+    from gateway.tasks.base import WARM_UP_BATCHES
+    from gateway.tasks.translation import WARM_UP_TOKENS
+
+    loaded = load_model("nllb", varied_nllb[1], OrtSettings(), variant="fp32")
+    rows: dict[str, list[int]] = {"encoder": [], "decoder_step": []}
+    for name, seen in rows.items():
+        part = loaded.parts[name]
+        original = part.run_sync
+
+        def counted(
+            inputs: dict[str, Any], outputs: Any = None, run: Any = original, seen: Any = seen
+        ) -> Any:
+            seen.append(len(next(iter(inputs.values()))))
+            return run(inputs, outputs)
+
+        part.run_sync = counted  # type: ignore[method-assign]
+    steps: list[StepStats] = []
+    model = TranslationModel(loaded, BatcherSettings(), engine_observer=steps.append)
+    assert model.engine is not None
+    assert not rows["encoder"]
+    await model.start()
+    try:
+        assert rows["encoder"] == list(WARM_UP_BATCHES), "one text, then a batch, before the first request"
+        assert len(rows["decoder_step"]) >= len(WARM_UP_BATCHES), "each warm-up run takes decoder steps"
+        # a step for the forced target-language token, then at most WARM_UP_TOKENS
+        assert len(rows["decoder_step"]) <= len(WARM_UP_BATCHES) * (1 + WARM_UP_TOKENS)
+        assert not steps, "warm-up steps are not requests: the metrics do not see them"
+        assert model.engine._thread is not None, "it takes work after the warm-up"
+        reply = await model.translate(TranslateInput(ENGLISH[:1], "eng_Latn", "deu_Latn"))
+        assert reply.translations[0].hypotheses, "and then it serves"
+        assert steps, "requests' steps reach the observer"
+    finally:
+        await model.close()
