@@ -345,6 +345,8 @@ class BodyGuard:
                 raise  # cancelled from outside (shutdown), not by the client leaving
         finally:
             watcher.cancel()
+            if not work.done():  # this request's handling was itself cancelled (shutdown)
+                work.cancel()
 
     async def _drain(self, receive: Receive) -> None:
         while True:

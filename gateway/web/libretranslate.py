@@ -34,7 +34,7 @@ from gateway.pb.polyglot.v1 import polyglot_pb2 as pb
 from gateway.registry import Registry
 from gateway.servicer import PolyglotServicer
 from gateway.tasks import translation as tr
-from gateway.web.app import Front, HttpContext, json_response, read_json
+from gateway.web.app import BodyTooLarge, Front, HttpContext, json_response, read_json
 
 FieldsWork = Callable[[dict[str, Any], HttpContext], Awaitable[Response]]
 ROUTES = ("/translate", "/languages", "/detect", "/translate_file", "/download_file", "/frontend")
@@ -165,6 +165,8 @@ def router(front: Front, registry: Registry, servicer: PolyglotServicer, keys: A
             nonlocal body
             try:
                 body = await fields(request)
+            except BodyTooLarge:
+                raise
             except GatewayError:
                 body = {}
                 if front.authorized(request):
@@ -238,7 +240,11 @@ def router(front: Front, registry: Registry, servicer: PolyglotServicer, keys: A
 
         return await call(request, "POST /translate", work)
 
-    @api.get("/languages", summary="Languages and their targets, as LibreTranslate lists them")
+    @api.api_route(
+        "/languages",
+        methods=["GET", "POST"],
+        summary="Languages and their targets, as LibreTranslate lists them",
+    )
     async def languages(request: Request) -> Response:
         try:
             _, model = translator()

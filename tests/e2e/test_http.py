@@ -486,3 +486,31 @@ async def _embed_over_http(server: GatewayServer, text: str) -> httpx.Response:
         return await client.post(
             "/v1/embed", json={"texts": [text]}, headers={"authorization": f"Bearer {KEY}"}
         )
+
+
+async def test_a_full_or_closing_server_answers_429_and_503_in_each_dialect(
+    server: GatewayServer, http: httpx.AsyncClient
+) -> None:
+    admission = server.admission
+    bound = admission.max_in_flight
+    admission.max_in_flight = 0  # full: every request is over the server's bound
+    try:
+        full = await http.post("/v1/embeddings", json={"input": "a", "model": "distilbert-demo"})
+        assert full.status_code == 429
+        assert full.json()["error"]["code"] == "rate_limit_exceeded"
+        assert (
+            await http.post("/translate", json={"q": "a", "source": "en", "target": "de"})
+        ).status_code == 429
+    finally:
+        admission.max_in_flight = bound
+    admission.accepting = False  # shutting down
+    try:
+        closing = await http.post("/v1/embed", json={"texts": ["a"]})
+        assert closing.status_code == 503
+        assert closing.json()["error"]["code"] == "UNAVAILABLE"
+        client = openai.AsyncOpenAI(base_url=f"{base(server)}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.InternalServerError):
+            await client.embeddings.create(model="distilbert-demo", input="a")
+    finally:
+        admission.accepting = True
+    assert (await http.post("/v1/embed", json={"texts": ["open again"]})).status_code == 200

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,7 +30,7 @@ from typer.testing import CliRunner
 from gateway.admission import Admission
 from gateway.auth import ApiKeys
 from gateway.cli import app
-from gateway.client import PolyglotClient, PolyglotError, Tls
+from gateway.client import PolyglotClient, PolyglotError, Retry, Tls
 from gateway.config import ModelConfig, ServerConfig, TlsConfig
 from gateway.interceptors import GatewayInterceptor
 from gateway.manifest import Manifest, Task
@@ -125,6 +126,7 @@ async def _tls_server(exported: Exported, pki: Pki, mutual: bool) -> GatewayServ
         port=0,
         metrics_host="127.0.0.1",
         metrics_port=free_port(),
+        http_port=free_port(),
         drain_seconds=0,
         tls=_tls_config(pki, mutual),
         models=(ModelConfig(name="embed", path=exported("embedding")[0]),),
@@ -148,9 +150,9 @@ async def mtls_server(exported: Exported, pki: Pki) -> AsyncIterator[GatewayServ
     await server.stop(grace=1, drain=0)
 
 
-async def _embed(target: str, tls: Tls | None) -> int:
+async def _embed(target: str, tls: Tls | None, retry: Retry | None = None) -> int:
     def call() -> int:
-        with PolyglotClient(target, tls=tls, timeout=10) as client:
+        with PolyglotClient(target, tls=tls, timeout=10, retry=retry or Retry()) as client:
             return len(client.embed(["over TLS"]).embeddings)
 
     import asyncio
@@ -161,8 +163,8 @@ async def _embed(target: str, tls: Tls | None) -> int:
 async def test_tls_round_trip(tls_server: GatewayServer, pki: Pki) -> None:
     target = f"localhost:{tls_server.port}"
     assert await _embed(target, Tls(ca=pki.ca)) == 1
-    with pytest.raises(grpc.RpcError) as plaintext:
-        await _embed(target, None)
+    with pytest.raises(grpc.RpcError) as plaintext:  # one attempt: retries with backoff could outlast 10 s
+        await _embed(target, None, Retry(attempts=1))
     assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
     context = ssl.create_default_context(cafile=str(pki.ca))
     url = f"https://127.0.0.1:{tls_server.config.metrics_port}/metrics"
@@ -173,6 +175,33 @@ async def test_tls_round_trip(tls_server: GatewayServer, pki: Pki) -> None:
         urllib.request.urlopen(url.replace("https", "http"), timeout=10).read()
 
 
+def _https(pki: Pki, client: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return context
+
+
+async def _post_embed(server: GatewayServer, scheme: str, verify: ssl.SSLContext | bool) -> int:
+    url = f"{scheme}://localhost:{server.http_port}/v1/embed"
+    async with httpx.AsyncClient(verify=verify, timeout=30) as client:
+        return (await client.post(url, json={"texts": ["over HTTPS"]})).status_code
+
+
+async def test_http_serves_tls_with_the_same_files(tls_server: GatewayServer, pki: Pki) -> None:
+    assert await _post_embed(tls_server, "https", _https(pki, client=False)) == 200
+    with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
+        await _post_embed(tls_server, "http", False)
+    with pytest.raises(httpx.ConnectError):  # a certificate the client does not trust
+        await _post_embed(tls_server, "https", True)
+
+
+async def test_http_with_mutual_tls_needs_a_client_certificate(mtls_server: GatewayServer, pki: Pki) -> None:
+    assert await _post_embed(mtls_server, "https", _https(pki, client=True)) == 200
+    with pytest.raises(httpx.HTTPError):
+        await _post_embed(mtls_server, "https", _https(pki, client=False))
+
+
 async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
     mtls_server: GatewayServer, pki: Pki
 ) -> None:
@@ -180,7 +209,7 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
     assert await _embed(target, Tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)) == 1
     for refused in (Tls(ca=pki.ca), Tls(ca=pki.ca, cert=pki.stranger_cert, key=pki.stranger_key)):
         with pytest.raises(grpc.RpcError) as error:
-            await _embed(target, refused)
+            await _embed(target, refused, Retry(attempts=1))
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -191,10 +220,10 @@ async def test_the_client_checks_the_certificate_against_server_name(
     target = f"127.0.0.1:{tls_server.port}"
     assert await _embed(target, Tls(ca=pki.ca, server_name="localhost")) == 1
     with pytest.raises(PolyglotError) as mismatch:
-        await _embed(target, Tls(ca=pki.ca))
+        await _embed(target, Tls(ca=pki.ca), Retry(attempts=1))
     assert mismatch.value.status == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(PolyglotError):
-        await _embed(target, Tls(ca=pki.ca, server_name="elsewhere.example"))
+        await _embed(target, Tls(ca=pki.ca, server_name="elsewhere.example"), Retry(attempts=1))
 
 
 def test_the_client_wants_both_halves_of_a_client_certificate(pki: Pki) -> None:
