@@ -5,10 +5,11 @@ concurrency rises, side by side in one run (a measurement, not a test).
 
 For each encoder export, one `pgw serve` per setting, all started together and loaded in turn (each load
 point in two rounds, alternating which goes first):
-- `one batch`: the defaults, one batch at a time on all the cores (max_padding_ratio 1.5; the model is
-  the server's only one, so its ONNX Runtime threads spin between runs);
+- `one batch`: the defaults, one batch at a time on all the cores (max_padding_ratio 1.2 on the CPU; the
+  model is the server's only one, so its ONNX Runtime threads spin between runs);
 - `no spinning`: the same with the model's `spinning: false`;
-- `no padding limit`: the defaults with max_padding_ratio 0;
+- `no padding limit`, `padding 1.5`, `no padding`: the defaults with max_padding_ratio 0 (none), 1.5 (the
+  default until 2026-12-02) and 1 (only texts of one length batch together);
 - `two runs`: two batches at a time, each on one core (max_concurrent_batches 2, intra_op_threads 1).
 `--settings` picks some of them.
 Load: one text a request, 8 to 256 tokens in 8 languages (as `pgw bench`'s mixed scenario), closed loops
@@ -39,6 +40,8 @@ SETTINGS: dict[str, Settings] = {
     "one batch": ({}, {}, {}),
     "no spinning": ({}, {}, {"spinning": False}),
     "no padding limit": ({"max_padding_ratio": 0}, {}, {}),
+    "padding 1.5": ({"max_padding_ratio": 1.5}, {}, {}),
+    "no padding": ({"max_padding_ratio": 1.0}, {}, {}),
     "two runs": ({"max_concurrent_batches": 2}, {"intra_op_threads": 1}, {}),
 }
 

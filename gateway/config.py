@@ -29,6 +29,9 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+CPU_PADDING_RATIO = 1.2
+
+
 class BatchingConfig(_Frozen):
     max_batch_size: int = Field(32, ge=1)
     max_batch_tokens: int = Field(16384, ge=1)
@@ -36,18 +39,22 @@ class BatchingConfig(_Frozen):
     max_queue_size: int = Field(1024, ge=1)
     # Batches in flight per model; default 1 in-process, 4 on Triton (which batches across them too).
     max_concurrent_batches: int | None = Field(None, ge=1)
-    # Padded / real tokens allowed in a batch; 0: no limit. 1.5 measured: on 2 CPU cores under mixed-length
-    # load it doubled throughput at concurrency 8 (bench/results/2026-11-22-vm-padding-ratio).
-    max_padding_ratio: float = Field(1.5, ge=0)
+    # Padded / real tokens allowed in a batch; 0: no limit. Default 1.2 for models on the CPU: on 2 cores
+    # under mixed-length load, 8 callers got 84 req/s against 81 for one caller at 1.2, 70 at 1.5, 34 with
+    # no limit (embedding int8, bench/results/2026-12-02-encoder-padding); 1.5 elsewhere (GPUs, Triton),
+    # where padding costs less and no other figure was measured yet.
+    max_padding_ratio: float | None = Field(None, ge=0)
     # Translation in-process: texts join and leave the decoding batch at every step (continuous), or a
     # batch decodes to its end before the next one forms (static, for comparison). The engine takes up to
     # max_batch_size rows (beams count), max_batch_tokens cached tokens, and max_queue_size waiting texts.
     scheduling: Literal["continuous", "static"] = "continuous"
 
-    def settings(self, remote: bool = False) -> BatcherSettings:
+    def settings(self, remote: bool = False, device: str = "cpu") -> BatcherSettings:
         values = self.model_dump(exclude={"scheduling"})
         if values["max_concurrent_batches"] is None:
             values["max_concurrent_batches"] = 4 if remote else 1
+        if values["max_padding_ratio"] is None:
+            values["max_padding_ratio"] = CPU_PADDING_RATIO if device == "cpu" and not remote else 1.5
         return BatcherSettings(**values)
 
 

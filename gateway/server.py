@@ -80,7 +80,9 @@ def prepare_demo(directory: Path) -> tuple[ModelConfig, ...]:
 
 
 def _task_model(loaded: LoadedModel, config: ServerConfig, model: ModelConfig, metrics: Metrics) -> TaskModel:
-    settings = (model.batching or config.batching).settings(remote=model.backend == "triton")
+    settings = (model.batching or config.batching).settings(
+        remote=model.backend == "triton", device=model.device or config.device
+    )
     observer = metrics.batch_observer(model.name, loaded.variant.name)
     limits = config.limits.text_limits()
     if model.max_in_flight is not None:

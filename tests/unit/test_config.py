@@ -66,3 +66,13 @@ def test_the_cache_follows_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert ServerConfig.load().demo_dir == tmp_path / "home" / ".cache" / "polyglot-gateway" / "demo"
+
+
+def test_the_padding_limit_defaults_by_where_the_model_runs() -> None:
+    from gateway.config import CPU_PADDING_RATIO, BatchingConfig
+
+    assert BatchingConfig().settings().max_padding_ratio == CPU_PADDING_RATIO == 1.2
+    assert BatchingConfig().settings(device="cuda").max_padding_ratio == 1.5
+    assert BatchingConfig().settings(remote=True).max_padding_ratio == 1.5  # Triton
+    assert BatchingConfig(max_padding_ratio=0).settings().max_padding_ratio == 0  # asked for: kept
+    assert BatchingConfig(max_padding_ratio=2).settings(device="cuda").max_padding_ratio == 2
