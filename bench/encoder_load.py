@@ -90,20 +90,20 @@ async def model_runs(export: Path, args: argparse.Namespace) -> list[dict[str, A
         for call in calls.values():
             await warm_up(call, 16, concurrency=4)
 
-        async def point(mode: str, level: float, load: Any) -> None:
+        async def point(level: float, load: Any) -> None:
             results: dict[str, list[LoadResult]] = {name: [] for name in calls}
             for turn in range(2):
                 order = list(calls) if turn % 2 == 0 else list(reversed(calls))
                 for name in order:
                     results[name].append(await load(calls[name], name))
             for name, runs in results.items():
-                samples = [s for run in runs for s in run.samples]
-                merged = LoadResult(mode, level, sum(r.seconds for r in runs), samples)
-                rows.append({"model": export.name, "setting": name, **merged.summary()})
+                # level: for open loops the fraction of the best rate, not the rate itself
+                summary = LoadResult.merged(runs).summary() | {"level": level}
+                rows.append({"model": export.name, "setting": name, **summary})
 
         for concurrency in args.concurrency:
             await point(
-                "closed", concurrency,
+                concurrency,
                 lambda call, _, c=concurrency: closed_loop(call, c, seconds=args.seconds / 2),
             )  # fmt: skip
         best = {
@@ -111,7 +111,7 @@ async def model_runs(export: Path, args: argparse.Namespace) -> list[dict[str, A
             for name in calls
         }
         await point(
-            "open", 0.8,
+            0.8,
             lambda call, name: open_loop(call, 0.8 * best[name], args.seconds / 2),
         )  # fmt: skip
     finally:

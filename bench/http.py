@@ -110,9 +110,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     for name in order:
                         results[name].append(await closed_loop(transports[name], 1, seconds=args.seconds))
                 for name, runs in results.items():
-                    samples = [s for r in runs for s in r.samples]
-                    merged = LoadResult("closed", 1, sum(r.seconds for r in runs), samples)
-                    rows.append({"shape": shape, "transport": name, **merged.summary()})
+                    rows.append({"shape": shape, "transport": name, **LoadResult.merged(runs).summary()})
     finally:
         gateway.stop()
     return rows

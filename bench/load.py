@@ -36,6 +36,14 @@ class LoadResult:
     seconds: float
     samples: list[Sample] = field(default_factory=list)
 
+    @classmethod
+    def merged(cls, runs: list[LoadResult]) -> LoadResult:
+        """Rounds of one load point (alternating with other settings) as one result."""
+        first = runs[0]
+        return cls(
+            first.mode, first.level, sum(r.seconds for r in runs), [s for r in runs for s in r.samples]
+        )
+
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.code == "OK"]
         latencies = np.array([s.latency for s in ok]) * 1000 if ok else np.zeros(1)
