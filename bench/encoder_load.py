@@ -10,6 +10,7 @@ point in two rounds, alternating which goes first):
 - `no spinning`: the same with the model's `spinning: false`;
 - `no padding limit`, `padding 1.5`, `no padding`: the defaults with max_padding_ratio 0 (none), 1.5 (the
   default until 2026-12-02) and 1 (only texts of one length batch together);
+- `no delay`: max_queue_delay_ms 0 (a batch forms as soon as the model is free, from what has queued);
 - `two runs`: two batches at a time, each on one core (max_concurrent_batches 2, intra_op_threads 1).
 `--settings` picks some of them.
 Load: one text a request, 8 to 256 tokens in 8 languages (as `pgw bench`'s mixed scenario), closed loops
@@ -42,6 +43,7 @@ SETTINGS: dict[str, Settings] = {
     "no padding limit": ({"max_padding_ratio": 0}, {}, {}),
     "padding 1.5": ({"max_padding_ratio": 1.5}, {}, {}),
     "no padding": ({"max_padding_ratio": 1.0}, {}, {}),
+    "no delay": ({"max_queue_delay_ms": 0}, {}, {}),
     "two runs": ({"max_concurrent_batches": 2}, {"intra_op_threads": 1}, {}),
 }
 
