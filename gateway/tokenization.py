@@ -5,6 +5,7 @@ Offsets are code-point indices into the input string, as the API promises.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,14 +80,20 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return int(self._tokenizer.get_vocab_size())
 
+    @functools.cached_property
+    def _specials(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after a text's tokens (read once)."""
+        probe = self._tokenizer.encode("a", add_special_tokens=True)
+        mask = probe.special_tokens_mask
+        if 0 not in mask:
+            return list(probe.ids), []
+        return probe.ids[: mask.index(0)], probe.ids[len(mask) - mask[::-1].index(0) :]
+
     def encode_ids(self, rows: Sequence[Sequence[int]], truncate: bool = True) -> list[Encoded]:
         """Token ids a client tokenized itself, as `encode_batch` would have made them: between the special
         tokens the tokenizer adds around a text, cut to the input limit when `truncate`. The ids must be
         this tokenizer's (0 <= id < vocab_size); offsets are (0, 0) throughout, as there is no text."""
-        probe = self._tokenizer.encode("a", add_special_tokens=True)
-        mask = probe.special_tokens_mask
-        head = probe.ids[: mask.index(0)] if 0 in mask else probe.ids
-        tail = probe.ids[len(mask) - mask[::-1].index(0) :] if 0 in mask else []
+        head, tail = self._specials
         room = self.max_length - len(head) - len(tail)
         encoded = []
         for row in rows:

@@ -321,9 +321,23 @@ class BodyGuard:
 
         async def send_watched(message: Message) -> None:
             nonlocal answered
+            if message["type"] == "http.response.start" and not body_read.is_set():
+                await drain()  # a body the route did not read (a GET with a form): closing unread resets
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered = True
             await send(message)
+
+        async def drain() -> None:
+            dropped = 0
+            while not body_read.is_set() and dropped <= DRAINED * self.limit:
+                message = await receive()
+                if message["type"] == "http.request":
+                    dropped += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        body_read.set()
+                else:
+                    gone.set()
+                    body_read.set()
 
         work = asyncio.ensure_future(self.app(scope, receive_capped, send_watched))
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gateway.errors import InvalidInput, shown
+from gateway.errors import InvalidInput, UnknownModel, shown
 from gateway.registry import Registry
 from gateway.tasks import embedding as emb
 from gateway.web.app import Front, HttpContext, json_response, read_json
@@ -129,8 +129,6 @@ def router(front: Front, registry: Registry) -> APIRouter:
         async def work(context: HttpContext) -> Response:
             entry = next((e for e in registry.all() if e.name == name), None)
             if entry is None:
-                from gateway.errors import UnknownModel
-
                 raise UnknownModel(f"model: unknown model {shown(name)}")
             return json_response(
                 {
