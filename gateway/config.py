@@ -48,9 +48,13 @@ class BatchingConfig(_Frozen):
     # batch decodes to its end before the next one forms (static, for comparison). The engine takes up to
     # max_batch_size rows (beams count), max_batch_tokens cached tokens, and max_queue_size waiting texts.
     scheduling: Literal["continuous", "static"] = "continuous"
+    # Translation in-process: the decoder's cache as numpy arrays in host memory, or as ONNX Runtime values
+    # on the model's device (only the log-probabilities come back each step); auto: ortvalue on a GPU,
+    # numpy on the CPU, where it measured faster (bench/results/2026-12-02-kv-cache).
+    kv_cache: Literal["auto", "numpy", "ortvalue"] = "auto"
 
     def settings(self, remote: bool = False, device: str = "cpu") -> BatcherSettings:
-        values = self.model_dump(exclude={"scheduling"})
+        values = self.model_dump(exclude={"scheduling", "kv_cache"})
         if values["max_concurrent_batches"] is None:
             values["max_concurrent_batches"] = 4 if remote else 1
         if values["max_padding_ratio"] is None:

@@ -97,6 +97,7 @@ def _task_model(loaded: LoadedModel, config: ServerConfig, model: ModelConfig, m
             limits,
             max_new_tokens=config.limits.max_new_tokens,
             scheduling=batching.scheduling,
+            kv_cache=batching.kv_cache,
             engine_observer=metrics.engine_observer(model.name, loaded.variant.name),
         )
     if task == "token-classification":

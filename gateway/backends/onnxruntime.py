@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -79,6 +79,36 @@ def tensor_specs(values: Sequence[Any]) -> list[TensorSpec]:
     return [TensorSpec(name=v.name, dtype=_DTYPES.get(v.type, v.type), shape=list(v.shape)) for v in values]
 
 
+def run_bound(
+    session: ort.InferenceSession,
+    device: tuple[str, int],
+    inputs: Mapping[str, np.ndarray | ort.OrtValue],
+    resident: Sequence[str],
+    host: Sequence[str] = (),
+) -> tuple[list[ort.OrtValue], list[np.ndarray]]:
+    """One run through IO binding: OrtValue inputs are read where they are, numpy inputs copied to the
+    device; the `resident` outputs are allocated on `device`, the `host` ones come back as numpy."""
+    binding = session.io_binding()
+    held = []  # numpy inputs stay alive until the run is over
+    for name, value in inputs.items():
+        if isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:
+            array = np.ascontiguousarray(value)
+            held.append(array)
+            binding.bind_cpu_input(name, array)
+    device_type, device_id = device
+    for name in resident:
+        binding.bind_output(name, device_type, device_id)
+    for name in host:
+        binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    values = binding.get_outputs()
+    del held
+    count = len(resident)
+    return list(values[:count]), [value.numpy() for value in values[count:]]
+
+
 class OnnxRuntimeBackend:
     """One ONNX part. `run` executes on `executor`, so the event loop keeps serving while it computes."""
 
@@ -135,6 +165,21 @@ class OnnxRuntimeBackend:
             binding.bind_output(name, device, device_id)
         self.session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+
+    @property
+    def ort_device(self) -> tuple[str, int]:
+        """Where this session's values live, as IO binding names it: ("cuda", 0) or ("cpu", 0)."""
+        return self._ort_device
+
+    def run_resident(
+        self,
+        inputs: Mapping[str, np.ndarray | ort.OrtValue],
+        resident: Sequence[str],
+        host: Sequence[str] = (),
+    ) -> tuple[list[ort.OrtValue], list[np.ndarray]]:
+        """Run with OrtValues in and out: the `resident` outputs stay on the session's device, the `host`
+        ones are copied to numpy. Inputs are OrtValues already there or numpy arrays (copied over)."""
+        return run_bound(self.session, self._ort_device, inputs, resident, host)
 
     async def run(self, inputs: Arrays, outputs: Sequence[str] | None = None) -> Arrays:
         loop = asyncio.get_running_loop()

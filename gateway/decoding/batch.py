@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,6 +57,41 @@ class StepParts:
         return cls(parts["encoder"], parts["cross_kv"], parts["decoder_step"])  # type: ignore[arg-type]
 
 
+class Cache(Protocol):
+    """What the engine needs of the rows' state: `Batch` (numpy, host memory) or
+    `resident.ResidentBatch` (ONNX Runtime values on the model's device)."""
+
+    parts: StepParts
+    rows: int
+    slots: int
+
+    @property
+    def source_width(self) -> int: ...
+
+    @property
+    def cached_tokens(self) -> int: ...
+
+    @property
+    def slot_capacity(self) -> int: ...
+
+    def clear(self) -> None: ...
+
+    def prepare(self) -> None:
+        """Whatever the cache builds on first use, built now (warm-up)."""
+
+    def encode(self, sources: Sequence[Sequence[int]]) -> tuple[list[Any], np.ndarray]: ...
+
+    def join(
+        self, cross_kv: list[Any], source_mask: np.ndarray, copies: Sequence[int]
+    ) -> list[list[int]]: ...
+
+    def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray: ...
+
+    def reorder(self, rows: Sequence[int], parents: Sequence[int]) -> None: ...
+
+    def remove(self, rows: Sequence[int]) -> dict[int, int]: ...
+
+
 class Batch:
     """The cache of the rows in flight: rows 0..rows-1 of every buffer.
 
@@ -88,6 +123,9 @@ class Batch:
         self._self_mask = np.zeros((0, self.INITIAL_SLOTS), dtype=np.int64)
         self._cross_kv = [self._zeros(0, 0) for _ in self.cross]
         self._source_mask = np.zeros((0, 0), dtype=np.int64)
+
+    def prepare(self) -> None:
+        return None
 
     def _zeros(self, rows: int, width: int) -> np.ndarray:
         return np.zeros((rows, self.heads, width, self.head_dim), dtype=self.dtype)

@@ -27,12 +27,14 @@ from typing import Literal
 
 import numpy as np
 
-from gateway.decoding.batch import Batch, StepParts
+from gateway.backends.onnxruntime import OnnxRuntimeBackend
+from gateway.decoding.batch import Batch, Cache, StepParts
 from gateway.decoding.search import Decoded, GenerationItem, Independent, Search, StepView, search_for
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
 Scheduling = Literal["continuous", "static"]
+KvCache = Literal["auto", "numpy", "ortvalue"]
 TokenSink = Callable[[int, int, int], None]  # (text index, row, token): a token as soon as it is chosen
 
 
@@ -42,12 +44,30 @@ class EngineSettings:
     max_batch_tokens: int = 65536  # cached tokens: source tokens plus self-attention slots, over all rows
     max_queue_size: int = 1024  # texts waiting to join; beyond it requests fail fast with RESOURCE_EXHAUSTED
     scheduling: Scheduling = "continuous"
+    # Where the cache lives: numpy arrays in host memory (`batch.Batch`), or ONNX Runtime values on the
+    # decoder's device (`resident.ResidentBatch`); auto: ortvalue for a session on a GPU, else numpy.
+    kv_cache: KvCache = "auto"
 
     def __post_init__(self) -> None:
         if min(self.max_batch_size, self.max_batch_tokens, self.max_queue_size) < 1:
             raise InvalidInput("engine budgets must be >= 1")
         if self.scheduling not in ("continuous", "static"):
             raise InvalidInput(f"scheduling must be continuous or static, not {self.scheduling!r}")
+        if self.kv_cache not in ("auto", "numpy", "ortvalue"):
+            raise InvalidInput(f"kv_cache must be auto, numpy or ortvalue, not {self.kv_cache!r}")
+
+
+def cache_for(parts: StepParts, pad_id: int, kind: KvCache = "auto") -> Cache:
+    """The rows' state for `parts`: on the decoder's device when it is a GPU (or when asked), else numpy."""
+    step = parts.decoder_step
+    if kind == "auto":
+        on_gpu = isinstance(step, OnnxRuntimeBackend) and step.device != "cpu"
+        kind = "ortvalue" if on_gpu else "numpy"
+    if kind == "ortvalue":
+        from gateway.decoding.resident import ResidentBatch
+
+        return ResidentBatch(parts, pad_id)
+    return Batch(parts, pad_id)
 
 
 @dataclass(frozen=True)
@@ -114,7 +134,7 @@ class Engine:
     ) -> None:
         self.name = name
         self.eos = eos_id
-        self.batch = Batch(parts, pad_id)
+        self.batch = cache_for(parts, pad_id, settings.kv_cache)
         self.settings = settings
         self.observer = observer
         self._waiting: collections.deque[tuple[_Request, int]] = collections.deque()  # (request, text index)

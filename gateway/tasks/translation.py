@@ -14,7 +14,15 @@ from typing import Any
 
 from gateway.batcher import BatcherSettings, Observer
 from gateway.decoding.batch import StepParts
-from gateway.decoding.engine import Decodings, Engine, EngineSettings, Scheduling, StepStats, TokenSink
+from gateway.decoding.engine import (
+    Decodings,
+    Engine,
+    EngineSettings,
+    KvCache,
+    Scheduling,
+    StepStats,
+    TokenSink,
+)
 from gateway.decoding.search import Decoded, DecodingOptions, GenerationItem, SamplingOptions
 from gateway.errors import InvalidInput
 from gateway.langid import identifier
@@ -81,6 +89,7 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         limits: TextLimits = DEFAULT_LIMITS,
         max_new_tokens: int | None = None,
         scheduling: Scheduling = "continuous",
+        kv_cache: KvCache = "auto",
         engine_observer: Callable[[StepStats], None] | None = None,
     ) -> None:
         info = model.manifest.translation
@@ -95,7 +104,11 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         self.engine: Engine | None = None
         if model.remote is None:  # in-process: the engine; else Triton runs it
             engine_settings = EngineSettings(
-                settings.max_batch_size, settings.max_batch_tokens, settings.max_queue_size, scheduling
+                settings.max_batch_size,
+                settings.max_batch_tokens,
+                settings.max_queue_size,
+                scheduling,
+                kv_cache,
             )
             self.engine = Engine(
                 model.name, StepParts.of(model.parts), self.eos, self.pad, engine_settings, engine_observer
@@ -120,6 +133,7 @@ class TranslationModel(BatchedTask[GenerationItem, Decoded]):
         options = DecodingOptions(max_new_tokens=WARM_UP_TOKENS)
         observer, engine.observer = engine.observer, None
         try:
+            await asyncio.to_thread(engine.batch.prepare)
             for count in WARM_UP_BATCHES:
                 request = TranslateInput(texts[:count], source, target, options)
                 present = list(range(len(request.texts)))

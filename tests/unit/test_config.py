@@ -35,6 +35,11 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
     bad.write_text("batching: {max_batch_size: 0}\n")
     with pytest.raises(InvalidInput, match=r"batching.max_batch_size: Input should be greater"):
         ServerConfig.load(bad)
+    bad.write_text("batching: {kv_cache: gpu}\n")
+    with pytest.raises(
+        InvalidInput, match=r"batching.kv_cache: Input should be 'auto', 'numpy' or 'ortvalue'"
+    ):
+        ServerConfig.load(bad)
     bad.write_text("tls: {cert: /nonexistent.pem, key: /nonexistent.key}\n")
     with pytest.raises(InvalidInput, match=r"tls.cert: .*/nonexistent.pem is not a file"):
         ServerConfig.load(bad)

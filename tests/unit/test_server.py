@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ModelConfig, ServerConfig
+from gateway.config import BatchingConfig, ModelConfig, ServerConfig
 from gateway.manifest import Manifest, Task
 from gateway.metrics import Metrics
 from gateway.server import build_registry
@@ -53,3 +53,18 @@ def test_translation_spins_its_decoder_step_only(varied_nllb: tuple[Path, Path])
     assert {name: _spins(part) for name, part in parts.items()} == {
         name: name == "decoder_step" for name in parts
     }
+
+
+@pytest.mark.parametrize(
+    ("kv_cache", "kind"), [(None, "Batch"), ("numpy", "Batch"), ("ortvalue", "ResidentBatch")]
+)
+def test_the_translation_cache_follows_the_config(
+    varied_nllb: tuple[Path, Path], kv_cache: str | None, kind: str
+) -> None:
+    """`batching.kv_cache` reaches the engine; auto (the default) keeps a CPU model's cache in numpy."""
+    batching = BatchingConfig() if kv_cache is None else BatchingConfig(kv_cache=kv_cache)  # type: ignore[arg-type]
+    config = ServerConfig(
+        models=(ModelConfig(name="t", path=varied_nllb[1], variant="fp32", batching=batching),)
+    )
+    (served,) = build_registry(config, Metrics()).all()
+    assert type(served.model.engine.batch).__name__ == kind

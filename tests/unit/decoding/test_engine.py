@@ -90,8 +90,14 @@ def _steps(engine: Engine, count: int) -> None:
         assert engine._iteration()
 
 
+KV_CACHES = ["numpy", "ortvalue"]  # host arrays, and values on the session's device (the CPU here)
+
+
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("mode", list(MODES))
-def test_a_request_that_joins_mid_flight_gets_what_it_gets_alone(setup: Setup, mode: str) -> None:
+def test_a_request_that_joins_mid_flight_gets_what_it_gets_alone(
+    setup: Setup, mode: str, kv_cache: str
+) -> None:
     """Four texts of different lengths, targets and modes decode; a fifth joins at step 4; rows finish at
     different steps around it."""
     options = MODES[mode]
@@ -102,7 +108,7 @@ def test_a_request_that_joins_mid_flight_gets_what_it_gets_alone(setup: Setup, m
         setup.item(ENGLISH[2], "spa_Latn", DecodingOptions(beam_size=2), limit=12),
     ]
     late = setup.item(GERMAN[1], "eng_Latn", options, limit=10, source="deu_Latn")
-    engine, stats = setup.engine()
+    engine, stats = setup.engine(kv_cache=kv_cache)
     first = [engine.submit([item]) for item in others]
     _steps(engine, 4)
     assert engine.rows_in_flight == 1 + 4 + 2 + 2
@@ -114,12 +120,13 @@ def test_a_request_that_joins_mid_flight_gets_what_it_gets_alone(setup: Setup, m
     assert max(s.rows for s in stats) >= 9 + late.options.rows - 2  # it shared steps with others
 
 
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("mode", ["greedy", "beam", "beam-early"])
-def test_the_engine_matches_generate(setup: Setup, mode: str) -> None:
+def test_the_engine_matches_generate(setup: Setup, mode: str, kv_cache: str) -> None:
     options = MODES[mode]
     texts = ENGLISH[:3]
     items = [setup.item(t, "fra_Latn", options, limit=10, index=i) for i, t in enumerate(texts)]
-    engine, _ = setup.engine()
+    engine, _ = setup.engine(kv_cache=kv_cache)
     future = engine.submit(items)
     engine.run_all()
     model = AutoModelForSeq2SeqLM.from_pretrained(setup.checkpoint, use_safetensors=True).eval()
@@ -139,9 +146,10 @@ def test_the_engine_matches_generate(setup: Setup, mode: str) -> None:
         assert got.tokens == want
 
 
-def test_a_cancelled_request_leaves_at_the_next_step(setup: Setup) -> None:
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+def test_a_cancelled_request_leaves_at_the_next_step(setup: Setup, kv_cache: str) -> None:
     items = [setup.item(t, "fra_Latn", MODES["beam"], limit=12) for t in ENGLISH[:3]]
-    engine, _ = setup.engine()
+    engine, _ = setup.engine(kv_cache=kv_cache)
     futures = [engine.submit([item]) for item in items]
     _steps(engine, 3)
     assert engine.rows_in_flight == 12

@@ -223,3 +223,37 @@ async def test_the_engine_runs_its_parts_before_it_takes_work(varied_nllb: tuple
         assert steps, "requests' steps reach the observer"
     finally:
         await model.close()
+
+
+async def test_the_cache_on_the_device_translates_as_the_one_in_host_memory(
+    translator: TranslationModel, varied_nllb: tuple[Path, Path]
+) -> None:
+    """`kv_cache: ortvalue` (here on the CPU's ONNX Runtime values): warm-up builds its graphs, and
+    concurrent requests of every decoding mode get what the numpy cache gives them."""
+    from gateway.decoding.resident import GRAPHS, ResidentBatch
+
+    loaded = load_model("nllb", varied_nllb[1], OrtSettings(), variant="fp32")
+    model = TranslationModel(loaded, BatcherSettings(max_queue_delay_ms=2), kv_cache="ortvalue")
+    assert model.engine is not None
+    batch = model.engine.batch
+    assert isinstance(batch, ResidentBatch)
+    await model.start()
+    try:
+        assert set(batch.ops._sessions) == set(GRAPHS), "warm-up built every cache graph"
+        sampling = SamplingOptions(temperature=0.9, top_k=30, seed=3)
+        modes = [
+            DecodingOptions(max_new_tokens=9),
+            DecodingOptions(beam_size=3, num_return=2, max_new_tokens=7),
+            DecodingOptions(num_return=2, max_new_tokens=11, sampling=sampling),
+        ]
+        requests = [
+            TranslateInput([text], "eng_Latn", target, mode)
+            for text in ENGLISH
+            for target, mode in zip(("fra_Latn", "deu_Latn", "zho_Hans"), modes, strict=True)
+        ]
+        resident = await asyncio.gather(*(model.translate(r) for r in requests))
+        host = await asyncio.gather(*(translator.translate(r) for r in requests))
+        for got, want in zip(resident, host, strict=True):
+            _same(got.translations, want.translations)
+    finally:
+        await model.close()
